@@ -1,0 +1,201 @@
+"""Adapters as data: initialise, validate, and bind a LoRA TensorDict over a slotted base.
+
+An adapter is a `TensorDict` nested by module path with fp32 master leaves
+`lora_A [r, in]`, `lora_B [out, r]` (and `lora_magnitude [out]` for DoRA):
+
+    adapter["model", "layers", "3", "self_attn", "q_proj", "lora_A"]
+
+`adapter.flatten_keys(".")` is the mapping that `functional_call` binds onto the slots, after
+`bind` has cast every leaf once to the compute dtype and folded the scaling into B.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from wmtp_fn.adapters.slots import LoRASlot, slot_paths
+from wmtp_fn.adapters.spec import AdapterSpec
+from wmtp_fn.models.base import check_same_base, fingerprint
+
+LEAVES = ("lora_A", "lora_B", "lora_magnitude")
+
+
+def target_paths(model: nn.Module, spec: AdapterSpec) -> list[str]:
+    """Module paths `spec` adapts in `model`, in module order; every one must be a slot."""
+    wanted = set(spec.targets)
+    layers = None if spec.layers is None else set(spec.layers)
+    paths, missing = [], []
+    for path, module in model.named_modules():
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf not in wanted or not isinstance(module, (nn.Linear, LoRASlot)):
+            continue
+        if layers is not None and _layer_index(path) not in layers:
+            continue
+        (paths if isinstance(module, LoRASlot) else missing).append(path)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} target linear(s) have no LoRA slot, e.g. {missing[0]!r}; "
+            f"call install_slots(model, targets={list(spec.targets)}) once after loading the base"
+        )
+    if not paths:
+        raise ValueError(f"adapter targets {list(spec.targets)} (layers={spec.layers}) match no slot in the model")
+    return paths
+
+
+def expected_shapes(model: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int, ...]]:
+    """Flat key → shape of every leaf an adapter with `spec` must have on `model`."""
+    slots = slot_paths(model)
+    shapes = {}
+    for path in target_paths(model, spec):
+        slot = slots[path]
+        shapes[f"{path}.lora_A"] = (spec.rank, slot.in_features)
+        shapes[f"{path}.lora_B"] = (slot.out_features, spec.rank)
+        if spec.use_dora:
+            shapes[f"{path}.lora_magnitude"] = (slot.out_features,)
+    return shapes
+
+
+def init(
+    model: nn.Module, spec: AdapterSpec, *, seed: int = 0, device: torch.device | str | None = None
+) -> tuple[TensorDict, AdapterSpec]:
+    """A fresh adapter for `model`: A Kaiming-uniform (a=√5), B zeros, DoRA magnitude = ‖W‖_row.
+
+    Returns the fp32 adapter and `spec` with the base fingerprint filled in. Initialisation runs
+    on the CPU from `seed`, so the same seed gives the same adapter on any device.
+    """
+    spec = spec.replace(base_fingerprint=fingerprint(model))
+    gen = torch.Generator().manual_seed(seed)
+    slots = slot_paths(model)
+    flat = {}
+    for path in target_paths(model, spec):
+        slot = slots[path]
+        a = torch.empty(spec.rank, slot.in_features)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        flat[f"{path}.lora_A"] = a
+        flat[f"{path}.lora_B"] = torch.zeros(slot.out_features, spec.rank)
+        if spec.use_dora:
+            flat[f"{path}.lora_magnitude"] = torch.linalg.vector_norm(slot.weight.detach().float().cpu(), dim=1)
+    device = device if device is not None else _device_of(model)
+    return from_flat(flat).to(device), spec
+
+
+def from_flat(flat: dict[str, torch.Tensor]) -> TensorDict:
+    """Nest a `{"a.b.lora_A": t}` mapping into an adapter TensorDict."""
+    return TensorDict(dict(flat), batch_size=[]).unflatten_keys(".")
+
+
+def to_flat(adapter: TensorDict) -> dict[str, torch.Tensor]:
+    """The adapter as `{"a.b.lora_A": t}`, in insertion order."""
+    return dict(adapter.flatten_keys(".").items())
+
+
+def validate(adapter: TensorDict, spec: AdapterSpec, model: nn.Module, *, check_base: bool = True) -> None:
+    """Strict check that `adapter` fits `model`: same keys, same shapes, same base.
+
+    Raises ValueError naming the first missing / unexpected key, or the key with both shapes,
+    or both base fingerprints.
+    """
+    if check_base:
+        check_same_base(spec.base_fingerprint, fingerprint(model))
+    want = expected_shapes(model, spec)
+    have = {k: tuple(v.shape) for k, v in to_flat(adapter).items()}
+    missing = [k for k in want if k not in have]
+    extra = [k for k in have if k not in want]
+    if missing:
+        raise ValueError(
+            f"adapter is missing {len(missing)} key(s) that spec {spec.variant} r={spec.rank} "
+            f"targets={list(spec.targets)} requires, first: {missing[0]!r} (expected shape {want[missing[0]]})"
+        )
+    if extra:
+        raise ValueError(
+            f"adapter has {len(extra)} unexpected key(s) for this model and spec, first: {extra[0]!r} "
+            f"(shape {have[extra[0]]}); its targets or layers do not match the spec"
+        )
+    for k, shape in want.items():
+        if have[k] != shape:
+            raise ValueError(f"adapter key {k!r} has shape {have[k]}, but this model and spec expect {shape}")
+
+
+def bind(
+    adapter: TensorDict, spec: AdapterSpec, *, dtype: torch.dtype, train: bool = False
+) -> dict[str, torch.Tensor]:
+    """The flat tensors `functional_call` puts into the slots, for one call.
+
+    Every master leaf is cast to `dtype` once here (not per op); the scaling is folded into B;
+    a dropout probability is bound only when training with `spec.dropout > 0`. Autograd flows
+    from these tensors back to the fp32 masters.
+    """
+    scaling = spec.scaling
+    out = {}
+    for key, t in adapter.flatten_keys(".").items():
+        if key.endswith(".lora_B"):
+            out[key] = (t * scaling).to(dtype)
+        else:
+            out[key] = t.to(dtype)
+    if train and spec.dropout > 0:
+        p = torch.tensor(float(spec.dropout), dtype=dtype, device=_first(out).device)
+        for key in list(out):
+            if key.endswith(".lora_A"):
+                out[key[: -len("lora_A")] + "lora_dropout"] = p
+    return out
+
+
+def apply(
+    module: nn.Module,
+    adapter: TensorDict,
+    spec: AdapterSpec,
+    *args,
+    train: bool = False,
+    dtype: torch.dtype | None = None,
+    **kwargs,
+):
+    """Call `module(*args, **kwargs)` with `adapter` bound into its slots (the base is untouched).
+
+    `adapter` is rooted at `module`: for a `LlamaForCausalLM` base, bind the whole adapter to
+    the base, or `adapter["model"]` to `base.model` to get hidden states. Compute runs in
+    `dtype` (default: the dtype of the module's slot weights, bf16 for a bf16 base).
+    """
+    binding = bind(adapter, spec, dtype=dtype or _compute_dtype(module), train=train)
+    check_bindable(module, binding)
+    return torch.func.functional_call(module, binding, args, kwargs, strict=False)
+
+
+def check_bindable(module: nn.Module, binding: dict[str, torch.Tensor]) -> None:
+    """Every bound key must land in a slot; anything else would be silently ignored."""
+    slots = slot_paths(module)
+    for key in binding:
+        path, _, leaf = key.rpartition(".")
+        if path not in slots:
+            raise KeyError(
+                f"adapter key {key!r} does not name a LoRA slot of {type(module).__name__} "
+                f"({len(slots)} slots installed, e.g. {next(iter(slots), None)!r}); is the adapter rooted "
+                "at another module (e.g. bind adapter['model'] to base.model), or are slots missing?"
+            )
+        if leaf not in ("lora_A", "lora_B", "lora_magnitude", "lora_dropout"):
+            raise KeyError(f"adapter key {key!r}: unknown leaf {leaf!r}; expected one of {LEAVES}")
+
+
+def _layer_index(path: str) -> int | None:
+    parts = path.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part == "layers" and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
+def _compute_dtype(module: nn.Module) -> torch.dtype:
+    for slot in slot_paths(module).values():
+        return slot.weight.dtype
+    raise ValueError(f"{type(module).__name__} has no LoRA slots; call install_slots first")
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _first(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return next(iter(d.values()))

@@ -1,0 +1,105 @@
+"""LoRA slots: linears that accept adapter tensors bound by `functional_call`.
+
+A slot replaces a target `nn.Linear` once, keeping the *same* weight and bias Parameters (so
+state-dict names, FSDP sharding and `save_pretrained` are unchanged). It owns no adapter
+weights: its `lora_*` buffers are `None` until `torch.func.functional_call` binds tensors to
+them for one call. Unbound, a slot computes exactly `F.linear(x, weight, bias)`, which is what
+`nn.Linear.forward` computes, so the base model's outputs are bit-for-bit unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wmtp_fn.adapters.spec import TARGETS, resolve_targets
+
+# The names a binding may fill on a slot. `lora_B` arrives pre-scaled (s·B) in compute dtype;
+# `lora_magnitude` (DoRA) and `lora_dropout` (a 0-dim probability) are optional.
+SLOT_TENSORS = ("lora_A", "lora_B", "lora_magnitude", "lora_dropout")
+
+
+class LoRASlot(nn.Module):
+    """A linear layer with an empty LoRA slot. See `lora_delta` for the math when bound."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        for name in SLOT_TENSORS:
+            self.register_buffer(name, None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_A is None:
+            return y
+        return y + lora_delta(
+            x, y, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def lora_delta(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    magnitude: torch.Tensor | None = None,
+    dropout: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What a bound slot adds to the base output `y = x Wᵀ + b`.
+
+    x: [..., in], y: [..., out], weight: [out, in], lora_A: [r, in], lora_B: [out, r] already
+    multiplied by the scaling s, magnitude: [out] (DoRA), dropout: 0-dim drop probability.
+    LoRA: `drop(x) Aᵀ Bᵀ`. DoRA (PEFT's math, the norm detached as in the paper §4.3):
+    `(m/‖W + BA‖_row − 1) · base + m/‖W + BA‖_row · drop(x) Aᵀ Bᵀ`, where `base` is the
+    bias-free base output on the (dropped-out) input.
+    """
+    h = x
+    if dropout is not None:
+        # A tensor probability keeps compiled graphs valid across adapters with other dropouts.
+        keep = (torch.rand_like(x) >= dropout).to(x.dtype)
+        h = x * keep / (1 - dropout).to(x.dtype)
+    delta = F.linear(F.linear(h, lora_A), lora_B)
+    if magnitude is None:
+        return delta
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(weight.to(x.dtype) + lora_B @ lora_A, dim=1)
+    scale = magnitude / norm
+    if dropout is None:
+        base = y if bias is None else y - bias
+    else:
+        base = F.linear(h, weight)
+    return (scale - 1) * base + scale * delta
+
+
+def install_slots(
+    model: nn.Module, targets: tuple[str, ...] | list[str] | str = TARGETS
+) -> tuple[str, ...]:
+    """Replace every target `nn.Linear` in `model` by a `LoRASlot`, once; returns all slot paths.
+
+    Idempotent: existing slots are kept. Install the union of the targets any adapter will
+    use (default: all seven), then bind adapters of any rank / alpha / target subset.
+    """
+    wanted = set(resolve_targets(targets))
+    for path, module in list(model.named_modules()):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf in wanted and type(module) is nn.Linear:
+            parent = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model
+            setattr(parent, leaf, LoRASlot(module))
+    paths = tuple(slot_paths(model))
+    if not paths:
+        raise ValueError(f"no linear named {sorted(wanted)} found in {type(model).__name__}")
+    return paths
+
+
+def slot_paths(model: nn.Module) -> dict[str, LoRASlot]:
+    """Module path → slot, in module order."""
+    return {p: m for p, m in model.named_modules() if isinstance(m, LoRASlot)}
