@@ -1,0 +1,60 @@
+import pytest
+import torch
+
+from tests.adapters.helpers import randomize, rel_err
+from wmtp_fn.adapters import AdapterSpec, apply, init, install_slots, to_flat
+from wmtp_fn.models.base import load_base
+from wmtp_fn.models.layers import checkpoint_layers, compile_layers
+
+
+def grads(model, adapter, spec, batch, seed=0):
+    leaves = adapter.apply(lambda t: t.detach().requires_grad_())
+    torch.manual_seed(seed)
+    logits = apply(model, leaves, spec, train=True, **batch).logits
+    (logits.float().square().mean()).backward()
+    return logits.detach(), {k: v.grad for k, v in to_flat(leaves).items()}
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(use_dora=True), dict(dropout=0.3)])
+def test_checkpointed_layers_give_the_same_gradients(tiny_dir, batch, kw):
+    plain = load_base(tiny_dir)
+    install_slots(plain)
+    ckpt = load_base(tiny_dir)
+    install_slots(ckpt)
+    checkpoint_layers(ckpt)
+    adapter, spec = init(plain, AdapterSpec(rank=4, alpha=8.0, **kw), seed=0)
+    adapter = randomize(adapter, seed=1)
+
+    out_ref, g_ref = grads(plain, adapter, spec, batch)
+    out, g = grads(ckpt, adapter, spec, batch)
+    assert torch.equal(out, out_ref)
+    for k in g_ref:
+        assert g[k] is not None and rel_err(g[k], g_ref[k]) <= 1e-6, k
+    assert ckpt.model.layers[0].self_attn.q_proj.lora_A is None  # nothing left bound
+
+
+def test_checkpointing_keeps_names_and_no_grad_path(base, batch):
+    names = list(base.state_dict())
+    checkpoint_layers(base)
+    checkpoint_layers(base)  # idempotent
+    assert list(base.state_dict()) == names
+    adapter, spec = init(base, AdapterSpec(rank=2), seed=0)
+    with torch.no_grad():
+        apply(base, adapter, spec, **batch)
+
+
+def test_compiled_layers_train_like_eager(tiny_dir, batch):
+    eager = load_base(tiny_dir)
+    install_slots(eager)
+    comp = load_base(tiny_dir)
+    install_slots(comp)
+    compile_layers(comp, backend="aot_eager", fullgraph=True)
+    adapter, spec = init(eager, AdapterSpec(rank=4, alpha=8.0), seed=0)
+    adapter = randomize(adapter, seed=1)
+    torch._dynamo.reset()
+    out_ref, g_ref = grads(eager, adapter, spec, batch)
+    out, g = grads(comp, adapter, spec, batch)
+    torch._dynamo.reset()
+    assert rel_err(out, out_ref) <= 1e-6
+    for k in g_ref:
+        assert rel_err(g[k], g_ref[k]) <= 1e-5, k

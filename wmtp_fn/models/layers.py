@@ -1,0 +1,92 @@
+"""Per-decoder-layer execution options: regional `torch.compile` and activation checkpointing.
+
+Both act on each decoder layer in place and keep parameter names (state dicts, adapter keys and
+FSDP wrapping are unchanged).
+
+Activation checkpointing has a trap with adapters bound by `functional_call`: the backward
+pass, which recomputes the layer, runs *after* the binding has been undone, so a plain
+`torch.utils.checkpoint` would recompute the layer with empty slots (wrong gradients or a
+recomputation mismatch). `checkpoint_layers` therefore captures the tensors bound to the
+layer's slots at forward time and binds them again for the recomputation.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from wmtp_fn.adapters.slots import SLOT_TENSORS, slot_paths
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a HF Llama (`LlamaForCausalLM` or `LlamaModel`)."""
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no decoder `layers`")
+    return list(layers)
+
+
+def compile_layers(model: nn.Module, **compile_kwargs) -> nn.Module:
+    """`torch.compile` each decoder layer separately (regional compilation): one graph serves
+    every layer, compile time stays small, and adapters bound by `functional_call` are graph
+    inputs, so swapping adapters of the same shapes does not recompile."""
+    for layer in decoder_layers(model):
+        layer.compile(**compile_kwargs)
+    return model
+
+
+def checkpoint_layers(model: nn.Module) -> nn.Module:
+    """Recompute each decoder layer's activations in backward instead of storing them."""
+    for layer in decoder_layers(model):
+        if getattr(layer, "_wmtp_checkpointed", False):
+            continue
+        layer.forward = _checkpointed_forward(layer)
+        layer._wmtp_checkpointed = True
+    return model
+
+
+def _checkpointed_forward(layer: nn.Module):
+    forward = type(layer).forward.__get__(layer)  # the class's forward, bound to this layer
+    slots = slot_paths(layer)
+
+    def run(bound: dict[str, torch.Tensor], *args, **kwargs):
+        with _rebound(slots, bound):
+            return forward(*args, **kwargs)
+
+    def checkpointed(*args, **kwargs):
+        bound = {
+            f"{path}.{name}": t
+            for path, slot in slots.items()
+            for name in SLOT_TENSORS
+            if (t := getattr(slot, name)) is not None
+        }
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        # A KV cache would be appended to twice (forward and recomputation); training has no
+        # use for it, so checkpointed layers run without one, as HF's own checkpointing does.
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)  # its name before transformers 4.56
+        return checkpoint(run, bound, *args, use_reentrant=False, **kwargs)
+
+    return checkpointed
+
+
+@contextmanager
+def _rebound(slots: dict[str, nn.Module], bound: dict[str, torch.Tensor]):
+    """Put `bound` tensors into the slots for the duration (the forward pass already has them;
+    the recomputation in backward needs them put back), then restore what was there."""
+    saved = []
+    for key, t in bound.items():
+        path, _, name = key.rpartition(".")
+        slot = slots[path]
+        saved.append((slot, name, slot._buffers[name]))
+        slot._buffers[name] = t
+    try:
+        yield
+    finally:
+        for slot, name, old in reversed(saved):
+            slot._buffers[name] = old
