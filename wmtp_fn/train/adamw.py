@@ -230,7 +230,7 @@ def _fused_adamw_(
         amsgrad=False, maximize=False, grad_scale=None, found_inf=found_inf,
     )
     # Roll back the count of a skipped step, as torch.optim.adam._fused_adam does.
-    torch._foreach_add_(count, found_inf, alpha=-1.0)
+    torch._foreach_sub_(count, [found_inf] * len(count))
 
 
 def _zero_if_(tensors: list[Tensor], flag: Tensor) -> None:
@@ -257,7 +257,9 @@ def _foreach_adamw_(
     """
     keep = 1.0 - found_inf  # [] fp32: 1 = apply, 0 = skip
     _zero_if_(g, found_inf)
-    torch._foreach_add_(count, keep)
+    # The list overload (as torch.optim uses for found_inf) stays on device; the single-tensor
+    # overload reads the scalar with .item() on some backends.
+    torch._foreach_add_(count, [keep] * len(count))
     if weight_decay != 0.0:
         torch._foreach_mul_(p, 1.0 - (lr * weight_decay) * keep)
     # m ← m + (1 − β1)·keep·(g − m)   (lerp; keep = 0 leaves m exactly)
