@@ -160,7 +160,7 @@ def test_property_matches_float64_reference(n, v, d, chunk, ignore_frac, scale, 
     torch.testing.assert_close(nll.double(), ref, rtol=1e-5, atol=1e-5)
     nll.sum().backward()
     ref.sum().backward()
-    if h64.grad.norm() > 0:
-        assert_rel(h.grad, h64.grad, 1e-5)
-    else:
-        assert not h.grad.any()
+    # fp32 rounding of softmax − onehot is absolute (≈ 1e-7 per entry, not relative to a tiny
+    # gradient of a confident prediction), so the bound has a term on the scale of W.
+    err = (h.grad.double() - h64.grad).norm()
+    assert err <= 1e-5 * h64.grad.norm() + 1e-6 * n**0.5 * w.double().norm(), float(err)

@@ -45,7 +45,8 @@ def test_matches_hf_loss_logits_and_hidden(model, padding_side):
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
     s, c = ntp_sums(out.logits, labels)
-    assert c.dtype == torch.int64 and int(c) == sum(n - p for n, p in zip([16, 11, 7, 13], [5, 3, 6, 2]))  # every label has a predictor
+    # every label has a predicting position (prompt length >= 1), so count = Σ (length − prompt)
+    assert c.dtype == torch.int64 and int(c) == sum(n - p for n, p in zip([16, 11, 7, 13], [5, 3, 6, 2]))
     torch.testing.assert_close(s / c, out.loss, rtol=1e-6, atol=0)
     torch.testing.assert_close(ntp_loss(out.logits, labels), out.loss, rtol=1e-6, atol=0)
     for chunk in (5, 16, 4096):

@@ -260,7 +260,7 @@ def test_aux_collision_and_bad_counts_raise():
     cfg = adamw.AdamWConfig()
     state = init_train_state(init_params(), cfg, seed=0)
     bad_aux = make_train_step(lambda p, b: (make_loss_fn()(p, b)[0], {"loss": 1.0}), count_fn, cfg, SCHED)
-    with pytest.raises(ValueError, match="collides"):
+    with pytest.raises(ValueError, match="collide"):
         bad_aux(state, [make_batch(1)])
     mismatched = make_train_step(make_loss_fn(), lambda b: torch.tensor([1, 2]), cfg, SCHED)
     with pytest.raises(ValueError, match="sums of shape"):

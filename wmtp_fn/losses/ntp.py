@@ -32,7 +32,9 @@ def shift_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     return torch.cat([labels[:, 1:], pad], dim=1)
 
 
-def ntp_sums(logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+def ntp_sums(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX
+) -> tuple[Tensor, Tensor]:
     """NTP loss sum and target count from full logits.
 
     logits: ``[B, T, V]`` (any float dtype; upcast to fp32 like HuggingFace's loss).
@@ -40,7 +42,10 @@ def ntp_sums(logits: Tensor, labels: Tensor, *, ignore_index: int = IGNORE_INDEX
     Returns ``(sum: [] fp32, count: [] int64)``; all-masked gives ``(0., 0)``.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"ntp_sums expects logits [B, T, V], labels [B, T]; got {tuple(logits.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            "ntp_sums expects logits [B, T, V], labels [B, T]; "
+            f"got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
     targets = shift_targets(labels, ignore_index)
     total = F.cross_entropy(
         rearrange(logits, "b t v -> (b t) v").float(),
@@ -69,11 +74,16 @@ def ntp_sums_from_hidden(
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(
-            f"ntp_sums_from_hidden expects hidden [B, T, d], labels [B, T]; got {tuple(hidden.shape)}, {tuple(labels.shape)}"
+            "ntp_sums_from_hidden expects hidden [B, T, d], labels [B, T]; "
+            f"got {tuple(hidden.shape)}, {tuple(labels.shape)}"
         )
     targets = rearrange(shift_targets(labels, ignore_index), "b t -> (b t)")
     nll = linear_cross_entropy(
-        rearrange(hidden, "b t d -> (b t) d"), weight, targets, chunk_size=chunk_size, ignore_index=ignore_index
+        rearrange(hidden, "b t d -> (b t) d"),
+        weight,
+        targets,
+        chunk_size=chunk_size,
+        ignore_index=ignore_index,
     )
     return nll.sum(), (targets != ignore_index).sum()
 

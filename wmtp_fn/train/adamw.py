@@ -136,7 +136,9 @@ def _matches(key: Key, pattern: str) -> bool:
 def _lr_multiplier(key: Key, cfg: AdamWConfig) -> float:
     found = {m for pat, m in cfg.lr_multipliers.items() if _matches(key, pat)}
     if len(found) > 1:
-        raise ValueError(f"leaf {'.'.join(key)!r} matches lr_multipliers with different values {sorted(found)}")
+        raise ValueError(
+            f"leaf {'.'.join(key)!r} matches lr_multipliers with different values {sorted(found)}"
+        )
     return float(found.pop()) if found else 1.0
 
 
@@ -186,11 +188,14 @@ def update(
     keys = leaf_keys(params)
     if set(leaf_keys(grads)) != set(keys):
         extra = set(leaf_keys(grads)) ^ set(keys)
-        raise KeyError(f"AdamW.update: grads and params differ in leaves {sorted('.'.join(k) for k in extra)[:5]}")
+        names = sorted(".".join(k) for k in extra)[:5]
+        raise KeyError(f"AdamW.update: grads and params differ in leaves {names}")
     g_all = leaves(grads, keys)
     for k, g, p in zip(keys, g_all, leaves(params, keys)):
         if g.shape != p.shape:
-            raise ValueError(f"AdamW.update: grad of {'.'.join(k)!r} has shape {tuple(g.shape)}, param {tuple(p.shape)}")
+            raise ValueError(
+                f"AdamW.update: grad of {'.'.join(k)!r} has shape {tuple(g.shape)}, param {tuple(p.shape)}"
+            )
     grad_of = dict(zip(keys, g_all))
 
     norm = clip_tensors_(g_all, cfg.max_grad_norm)

@@ -52,8 +52,8 @@ def lr_at(step: int, base_lr: float, cfg: ScheduleConfig) -> float:
 
     Warm-up: ``base_lr · step / warmup_steps`` for ``step < warmup_steps``. Then, with
     ``p = (step − warmup) / (total − warmup)`` clipped to ``[0, 1]`` and ``m = min_lr_ratio``:
-    cosine ``base_lr · (m + (1 − m) · (1 + cos πp) / 2)``, linear ``base_lr · (m + (1 − m)(1 − p))``,
-    constant ``base_lr``.
+    cosine ``base_lr · (m + (1 − m) · (1 + cos πp) / 2)``,
+    linear ``base_lr · (m + (1 − m)(1 − p))``, constant ``base_lr``.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, got {step!r}")

@@ -71,7 +71,9 @@ def from_flat(tensors: Mapping[str, Tensor], meta: Mapping[str, Any]) -> TrainSt
     expected = {f"{s}.{n}" for s in _SECTIONS for n in names}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise KeyError(f"from_flat: tensors do not match meta['leaves']: missing {missing[:5]}, unexpected {extra[:5]}")
+        raise KeyError(
+            f"from_flat: tensors do not match meta['leaves']: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     trees = []
     for section in _SECTIONS:
         tree = TensorDict({}, batch_size=[])

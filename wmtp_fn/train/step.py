@@ -85,7 +85,9 @@ def accumulate_grads(
         raise ValueError("accumulate_grads: no micro-batches")
     counts = torch.stack([count_fn(mb) for mb in mbs]).sum(0)
     if counts.dim() != 1:
-        raise ValueError(f"count_fn must return a [K] tensor, got shape {tuple(counts.shape[1:])} per micro-batch")
+        raise ValueError(
+            f"count_fn must return a [K] tensor, got shape {tuple(counts.shape[1:])} per micro-batch"
+        )
     w = component_weights(counts)
     # Fresh leaves sharing storage with params: the graph reads the current values, and the
     # optimizer may later update params in place (the graph is gone by then).
@@ -95,7 +97,9 @@ def accumulate_grads(
     for mb in mbs:
         sums, aux = loss_fn(tracked, mb)
         if sums.shape != counts.shape:
-            raise ValueError(f"loss_fn returned sums of shape {tuple(sums.shape)}, count_fn counts {tuple(counts.shape)}")
+            raise ValueError(
+                f"loss_fn returned sums of shape {tuple(sums.shape)}, count_fn counts {tuple(counts.shape)}"
+            )
         objective = (sums.to(torch.float32) * w.to(sums.device)).sum()
         if objective.requires_grad:
             objective.backward()
@@ -131,8 +135,9 @@ def make_train_step(
     The returned step **donates** ``state``: its params and optimizer buffers are updated in
     place and reused by the new state. Randomness inside ``loss_fn`` (dropout) is seeded by
     ``step_seed(state.rng, state.step)``; the caller's global RNG state is untouched.
-    Metrics (all ``[]`` fp32 device tensors): ``loss, grad_norm`` (before clipping), ``lr``,
-    ``n_tokens`` (``Σ_k N_k``), ``skipped`` (0/1), plus the scalar entries of ``aux``.
+    Metrics (``[]`` fp32 tensors on the params' device; aux given as Python numbers stay on
+    the CPU): ``loss, grad_norm`` (before clipping), ``lr``, ``n_tokens`` (``Σ_k N_k``),
+    ``skipped`` (0/1), plus the scalar entries of ``aux`` (mean over micro-batches).
     """
     if nonfinite not in ("skip", "raise"):
         raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
@@ -142,13 +147,17 @@ def make_train_step(
         device = next(iter(state.params.values(include_nested=True, leaves_only=True))).device
         with seeded(step_seed(state.rng, state.step), device):
             grads, loss, counts, aux = accumulate_grads(loss_fn, count_fn, state.params, micro_batches)
+        clash = sorted(set(aux) & set(_METRICS))
+        if clash:  # checked before the update, which would consume the donated state
+            raise ValueError(f"loss_fn aux keys {clash} collide with the train-step metrics {_METRICS}")
         n_tokens = counts.sum().to(torch.float32)
         skip = ~torch.isfinite(loss) | (n_tokens == 0)
         params, opt_state, stats = adamw.update(
             grads, state.opt_state, state.params, lr=lr, cfg=opt_cfg, skip=skip
         )
         if nonfinite == "raise":
-            bad = [name for name, v in (("loss", loss), ("grad norm", stats["grad_norm"])) if not torch.isfinite(v)]
+            checked = (("loss", loss), ("grad norm", stats["grad_norm"]))
+            bad = [name for name, v in checked if not torch.isfinite(v)]
             if bad:
                 raise FloatingPointError(
                     f"train step {state.step}: non-finite {' and '.join(bad)} "
@@ -161,10 +170,7 @@ def make_train_step(
             "n_tokens": n_tokens,
             "skipped": stats["skipped"],
         }
-        for name, v in aux.items():
-            if name in metrics:
-                raise ValueError(f"loss_fn aux key {name!r} collides with a train-step metric {_METRICS}")
-            metrics[name] = v
+        metrics.update(aux)
         return replace(state, params=params, opt_state=opt_state, step=state.step + 1), metrics
 
     return train_step
