@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from train_toy_lm import count_fn, init_params, make_batch, make_loss_fn
+from tests.train.train_toy_lm import count_fn, init_params, make_batch, make_loss_fn
 from wmtp_fn.train import adamw
 from wmtp_fn.train.rng import _splitmix64, seeded, step_seed
 from wmtp_fn.train.schedule import ScheduleConfig

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from train_toy_lm import concat, count_fn, hidden, init_params, make_batch, make_loss_fn, UNEMBED
+from tests.train.train_toy_lm import concat, count_fn, hidden, init_params, make_batch, make_loss_fn, UNEMBED
 from wmtp_fn.train import adamw
 from wmtp_fn.train.schedule import ScheduleConfig, lr_at
 from wmtp_fn.train.state import init_train_state
