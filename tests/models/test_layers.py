@@ -58,3 +58,27 @@ def test_compiled_layers_train_like_eager(tiny_dir, batch):
     assert rel_err(out, out_ref) <= 1e-6
     for k in g_ref:
         assert rel_err(g[k], g_ref[k]) <= 1e-5, k
+
+
+def test_checkpointed_and_compiled_layers_give_the_same_gradients(tiny_dir, batch):
+    eager = load_base(tiny_dir)
+    install_slots(eager)
+    both = load_base(tiny_dir)
+    install_slots(both)
+    checkpoint_layers(both)
+    compile_layers(both, backend="aot_eager", fullgraph=True)
+    adapter, spec = init(eager, AdapterSpec(rank=4, alpha=8.0, dropout=0.2), seed=0)
+    adapter = randomize(adapter, seed=1)
+    torch._dynamo.reset()
+    out_ref, g_ref = grads(eager, adapter, spec, batch)
+    out, g = grads(both, adapter, spec, batch)
+    torch._dynamo.reset()
+    assert rel_err(out, out_ref) <= 1e-6
+    for k in g_ref:
+        assert rel_err(g[k], g_ref[k]) <= 1e-5, k
+
+
+def test_checkpointing_after_compiling_is_refused(base):
+    compile_layers(base, backend="aot_eager")
+    with pytest.raises(ValueError, match="before compile_layers"):
+        checkpoint_layers(base)

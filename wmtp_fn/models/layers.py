@@ -33,39 +33,49 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 def compile_layers(model: nn.Module, **compile_kwargs) -> nn.Module:
     """`torch.compile` each decoder layer separately (regional compilation): one graph serves
     every layer, compile time stays small, and adapters bound by `functional_call` are graph
-    inputs, so swapping adapters of the same shapes does not recompile."""
+    inputs, so swapping adapters of the same shapes does not recompile.
+
+    On a checkpointed layer only the inner forward is compiled: the re-binding around the
+    recomputation stays eager (Dynamo cannot trace buffer swaps inside a checkpoint region).
+    """
     for layer in decoder_layers(model):
-        layer.compile(**compile_kwargs)
+        if getattr(layer, "_wmtp_checkpointed", False):
+            layer._wmtp_forward = torch.compile(layer._wmtp_forward, **compile_kwargs)
+        else:
+            layer.compile(**compile_kwargs)
     return model
 
 
 def checkpoint_layers(model: nn.Module) -> nn.Module:
-    """Recompute each decoder layer's activations in backward instead of storing them."""
+    """Recompute each decoder layer's activations in backward instead of storing them.
+    Apply before `compile_layers`."""
     for layer in decoder_layers(model):
         if getattr(layer, "_wmtp_checkpointed", False):
             continue
+        if getattr(layer, "_compiled_call_impl", None) is not None:
+            raise ValueError("checkpoint_layers must be applied before compile_layers")
+        layer._wmtp_forward = type(layer).forward.__get__(layer)  # the class's forward, bound
         layer.forward = _checkpointed_forward(layer)
         layer._wmtp_checkpointed = True
     return model
 
 
 def _checkpointed_forward(layer: nn.Module):
-    forward = type(layer).forward.__get__(layer)  # the class's forward, bound to this layer
     slots = slot_paths(layer)
 
     def run(bound: dict[str, torch.Tensor], *args, **kwargs):
         with _rebound(slots, bound):
-            return forward(*args, **kwargs)
+            return layer._wmtp_forward(*args, **kwargs)
 
     def checkpointed(*args, **kwargs):
-        bound = {
-            f"{path}.{name}": t
-            for path, slot in slots.items()
-            for name in SLOT_TENSORS
-            if (t := getattr(slot, name)) is not None
-        }
+        bound = {}
+        for path, slot in slots.items():
+            for name in SLOT_TENSORS:
+                t = getattr(slot, name)
+                if t is not None:
+                    bound[f"{path}.{name}"] = t
         if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
+            return layer._wmtp_forward(*args, **kwargs)
         # A KV cache would be appended to twice (forward and recomputation); training has no
         # use for it, so checkpointed layers run without one, as HF's own checkpointing does.
         kwargs.pop("past_key_values", None)

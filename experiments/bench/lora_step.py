@@ -1,0 +1,296 @@
+"""Benchmark: the project's LoRA training step against PEFT's, one process, one device.
+
+    python experiments/bench/lora_step.py --shape llama-3.2-1b          # on a GPU
+    python experiments/bench/lora_step.py --shape tiny --device cpu     # smoke test (CI)
+
+Every variant trains the same random-weight model (bf16 on GPU) on the same batch with fused
+AdamW; each is built fresh so its peak memory is its own. Steps are timed with CUDA events
+after warm-up (median of repeats). MFU is against a bf16 GEMM ceiling measured in the same
+run. Before timing, the optimised step's loss and gradients are checked against the plain
+eager step (full logits, no compile) on the same batch.
+
+FLOPs per token of a frozen-base LoRA step (no weight gradients for the base):
+    4·N_linear + 4·d·V + 3 · (causal attention forward, 2·d·(T+1) per layer)
+LoRA's own FLOPs (~6·r·(in+out) per linear) are not counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+from transformers import LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
+
+from wmtp_fn.adapters import AdapterSpec, install_slots  # noqa: E402
+from wmtp_fn.adapters import init as init_adapter  # noqa: E402
+from wmtp_fn.losses.ntp import ntp_count, ntp_sums  # noqa: E402
+from wmtp_fn.models.base import freeze  # noqa: E402
+from wmtp_fn.models.layers import checkpoint_layers, compile_layers  # noqa: E402
+from wmtp_fn.objectives import ntp_objective  # noqa: E402
+from wmtp_fn.train import adamw  # noqa: E402
+from wmtp_fn.train.schedule import ScheduleConfig  # noqa: E402
+from wmtp_fn.train.state import init_train_state  # noqa: E402
+from wmtp_fn.train.step import accumulate_grads, make_train_step  # noqa: E402
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
+    "sheared-2.7b": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=20,
+                         num_key_value_heads=20, vocab_size=32000, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
+}
+VARIANTS = ("peft-default", "peft-bf16", "ours-eager-fullce", "ours-eager", "ours", "ours-ac")
+
+
+@dataclass
+class Row:
+    variant: str
+    ms: float
+    tokens_per_s: float
+    mfu: float
+    peak_gib: float
+    loss: float
+
+
+# ----------------------------------------------------------------------------- measurement
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(fn, device: torch.device, *, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds per call: CUDA events on GPU, perf_counter on CPU; after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def gemm_ceiling(device: torch.device, n: int = 8192) -> float:
+    """Measured dense bf16 matmul rate (FLOP/s) on random data, median of 20."""
+    if device.type != "cuda":
+        n = 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = statistics.median(time_steps(lambda: a @ b, device, warmup=5, repeats=20))
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def flops_per_token(cfg: LlamaConfig, seq: int) -> float:
+    d, L, ffn = cfg.hidden_size, cfg.num_hidden_layers, cfg.intermediate_size
+    kv = cfg.num_key_value_heads * (d // cfg.num_attention_heads)
+    n_linear = L * (d * d * 2 + 2 * d * kv + 3 * d * ffn)
+    attn_fwd = L * 2 * d * (seq + 1)
+    return 4 * n_linear + 4 * d * cfg.vocab_size + 3 * attn_fwd
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_model(cfg: LlamaConfig, state: dict[str, torch.Tensor], device, dtype) -> LlamaForCausalLM:
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.load_state_dict(state)
+    return freeze(model)
+
+
+def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(**cfg_kwargs), autocast_adapter_dtype=not bf16_adapters)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda)
+
+    def step():
+        loss = pm(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return pm, step
+
+
+def our_parts(model, args, *, compile_: bool, checkpoint: bool, full_ce: bool):
+    install_slots(model, TARGETS)
+    spec = AdapterSpec(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
+    adapter, spec = init_adapter(model, spec, seed=0)
+    adapter = adapter.named_apply(lambda k, t: torch.randn_like(t) * 1e-3 if k == "lora_B" else t)  # non-zero B
+    if checkpoint:
+        checkpoint_layers(model)
+    if compile_:
+        compile_layers(model, fullgraph=True)
+    if full_ce:
+        def loss_fn(params, batch):
+            from wmtp_fn.adapters import apply
+
+            logits = apply(model, params["lora"], spec, input_ids=batch["input_ids"], use_cache=False).logits
+            total, _ = ntp_sums(logits, batch["labels"])
+            return total.reshape(1), {}
+    else:
+        loss_fn = ntp_objective(model, spec, chunk_size=args.ce_chunk, train=True)
+    return TensorDict({"lora": adapter}, batch_size=[]), loss_fn
+
+
+def our_step(model, args, batch, *, compile_: bool, checkpoint: bool, full_ce: bool):
+    params, loss_fn = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce)
+    opt_cfg = adamw.AdamWConfig(lr=args.lr, impl="auto")
+    state = init_train_state(params, opt_cfg, seed=0)
+    step_fn = make_train_step(loss_fn, ntp_count, opt_cfg, ScheduleConfig(kind="constant"))
+    holder = {"state": state}
+
+    def step():
+        holder["state"], metrics = step_fn(holder["state"], [batch])
+        return metrics["loss"]
+
+    return step
+
+
+# ----------------------------------------------------------------------------- correctness guard
+
+
+def check_optimised_against_eager(cfg, state, args, batch, device, dtype) -> dict[str, float]:
+    """Loss and adapter gradients of the optimised step vs the plain eager step (full logits)."""
+    results = {}
+    for name, kw in (("eager", dict(compile_=False, checkpoint=False, full_ce=True)),
+                     ("optimised", dict(compile_=args.compile, checkpoint=args.check_ac, full_ce=False))):
+        model = build_model(cfg, state, device, dtype)
+        params, loss_fn = our_parts(model, args, **kw)
+        grads, loss, counts, _ = accumulate_grads(loss_fn, ntp_count, params, [batch])
+        results[name] = (loss / counts.sum(), {k: v.float() for k, v in grads.flatten_keys(".").items()})
+        del model
+        torch._dynamo.reset()
+    (l0, g0), (l1, g1) = results["eager"], results["optimised"]
+    loss_err = float((l1 - l0).abs() / l0.abs())
+    num = sum(float((g1[k] - g0[k]).norm() ** 2) for k in g0) ** 0.5
+    den = sum(float(g0[k].norm() ** 2) for k in g0) ** 0.5
+    return {"loss_rel_err": loss_err, "grad_rel_err": num / den}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--ce-chunk", type=int, default=2048)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="guard: check the eager step instead")
+    p.add_argument("--check-ac", action="store_true", help="guard: also activation checkpointing")
+    p.add_argument("--profile", default="", help="variant to profile (top kernels by CUDA time)")
+    p.add_argument("--json", default="", help="write the results here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    if device.type == "cpu":
+        args.seq, args.batch = min(args.seq, 64), min(args.batch, 2)
+
+    cfg = LlamaConfig(**SHAPES[args.shape], attn_implementation="sdpa", max_position_embeddings=max(args.seq, 2048))
+    torch.manual_seed(0)
+    state = {k: v.to(dtype) for k, v in LlamaForCausalLM(cfg).state_dict().items()}  # one random model, kept on the CPU
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
+    batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
+    tokens = args.batch * args.seq
+
+    ceiling = gemm_ceiling(device)
+    fpt = flops_per_token(cfg, args.seq)
+    guard = check_optimised_against_eager(cfg, state, args, batch, device, dtype)
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
+          f"shape {args.shape} batch {args.batch}x{args.seq} r={args.rank}; GEMM ceiling {ceiling / 1e12:.0f} TFLOP/s; "
+          f"{fpt / 1e9:.2f} GFLOP/token; ideal {ceiling / fpt:,.0f} tok/s")
+    print(f"guard (optimised vs eager step): loss rel err {guard['loss_rel_err']:.2e}, grad rel err {guard['grad_rel_err']:.2e}")
+
+    peft_kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(TARGETS))
+    rows = []
+    for variant in variants:
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        torch._dynamo.reset()
+        model = build_model(cfg, state, device, dtype)
+        if variant.startswith("peft"):
+            model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant == "peft-bf16", lr=args.lr)
+        else:
+            step = our_step(model, args, batch, compile_=variant in ("ours", "ours-ac"), checkpoint=variant == "ours-ac",
+                            full_ce=variant == "ours-eager-fullce")
+        times = time_steps(step, device, warmup=args.warmup, repeats=args.repeats)
+        loss = float(step())
+        ms = statistics.median(times)
+        tps = tokens / (ms * 1e-3)
+        rows.append(Row(variant, ms, tps, tps * fpt / ceiling, peak_gib(device), loss))
+        print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {rows[-1].mfu:.3f}  peak {rows[-1].peak_gib:6.1f} GiB  loss {loss:.3f}", flush=True)
+        if args.profile == variant and device.type == "cuda":
+            profile_step(step)
+        del model, step
+
+    by = {r.variant: r for r in rows}
+    ref = by.get("peft-bf16")
+    print("\n| variant | ms/step | tokens/s | MFU | peak GiB | × PEFT-bf16 speed | × PEFT-bf16 memory |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        speed = f"{r.tokens_per_s / ref.tokens_per_s:.2f}" if ref else "-"
+        mem = f"{r.peak_gib / ref.peak_gib:.2f}" if ref and device.type == "cuda" else "-"
+        print(f"| {r.variant} | {r.ms:.1f} | {r.tokens_per_s:,.0f} | {r.mfu:.3f} | {r.peak_gib:.1f} | {speed} | {mem} |")
+    result = {"args": vars(args), "ceiling_flops": ceiling, "flops_per_token": fpt, "guard": guard, "rows": [asdict(r) for r in rows]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def profile_step(step, n: int = 3) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20))
+
+
+if __name__ == "__main__":
+    main()
