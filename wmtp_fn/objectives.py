@@ -13,24 +13,21 @@ from torch import nn
 
 from wmtp_fn.adapters import AdapterSpec, apply
 from wmtp_fn.losses.ntp import ntp_sums_from_hidden
+from wmtp_fn.models.llama import HiddenStates
 
 
 def ntp_objective(base: nn.Module, spec: AdapterSpec, *, name: str = "lora", chunk_size: int = 4096, train: bool = True):
     """NTP loss sum of a `LlamaForCausalLM` base with `params[name]` bound, computed from the
-    hidden states with the chunked linear cross-entropy (no [B, T, V] logits)."""
+    hidden states with the chunked linear cross-entropy (no [B, T, V] logits). Batches carry
+    an `attention_mask` only when they are not right-padded (see `models.llama.right_padded`)."""
     lm_head = base.lm_head.weight
+    trunk = HiddenStates(base)
 
     def loss_fn(params: TensorDict, batch: dict[str, torch.Tensor]):
-        out = apply(
-            base.model,
-            params[name]["model"],
-            spec,
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            use_cache=False,
-            train=train,
+        hidden = apply(
+            trunk, params[name], spec, input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), train=train
         )
-        total, _ = ntp_sums_from_hidden(out.last_hidden_state, lm_head, batch["labels"], chunk_size=chunk_size)
+        total, _ = ntp_sums_from_hidden(hidden, lm_head, batch["labels"], chunk_size=chunk_size)
         return total.reshape(1), {}
 
     return loss_fn

@@ -51,7 +51,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
 }
-VARIANTS = ("peft-default", "peft-bf16", "ours-eager-fullce", "ours-eager", "ours", "ours-ac")
+VARIANTS = ("peft-default", "peft-bf16", "ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-autotune")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class Row:
     mfu: float
     peak_gib: float
     loss: float
+    host_syncs: int
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -142,15 +143,20 @@ def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float)
     return pm, step
 
 
-def our_parts(model, args, *, compile_: bool, checkpoint: bool, full_ce: bool):
+def our_parts(model, args, *, compile_: bool, checkpoint: bool, full_ce: bool, mode: str | None = None):
     install_slots(model, TARGETS)
     spec = AdapterSpec(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
     adapter, spec = init_adapter(model, spec, seed=0)
-    adapter = adapter.named_apply(lambda k, t: torch.randn_like(t) * 1e-3 if k == "lora_B" else t)  # non-zero B
+    gen = torch.Generator().manual_seed(1)  # the same non-zero B in every variant
+
+    def nonzero_b(name, t):
+        return (torch.randn(t.shape, generator=gen) * 1e-3).to(t.device) if name == "lora_B" else t
+
+    adapter = adapter.named_apply(nonzero_b)
     if checkpoint:
         checkpoint_layers(model)
     if compile_:
-        compile_layers(model, fullgraph=True)
+        compile_layers(model, fullgraph=True, mode=mode)
     if full_ce:
         def loss_fn(params, batch):
             from wmtp_fn.adapters import apply
@@ -163,8 +169,8 @@ def our_parts(model, args, *, compile_: bool, checkpoint: bool, full_ce: bool):
     return TensorDict({"lora": adapter}, batch_size=[]), loss_fn
 
 
-def our_step(model, args, batch, *, compile_: bool, checkpoint: bool, full_ce: bool):
-    params, loss_fn = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce)
+def our_step(model, args, batch, *, compile_: bool, checkpoint: bool, full_ce: bool, mode: str | None = None):
+    params, loss_fn = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce, mode=mode)
     opt_cfg = adamw.AdamWConfig(lr=args.lr, impl="auto")
     state = init_train_state(params, opt_cfg, seed=0)
     step_fn = make_train_step(loss_fn, ntp_count, opt_cfg, ScheduleConfig(kind="constant"))
@@ -180,22 +186,61 @@ def our_step(model, args, batch, *, compile_: bool, checkpoint: bool, full_ce: b
 # ----------------------------------------------------------------------------- correctness guard
 
 
+def adapter_grads(cfg, state, args, batch, device, dtype, **kw):
+    model = build_model(cfg, state, device, dtype)
+    params, loss_fn = our_parts(model, args, **kw)
+    params = params.to(device)
+    grads, loss, counts, _ = accumulate_grads(loss_fn, ntp_count, params, [batch])
+    out = float(loss / counts.sum()), {k: v.double() for k, v in grads.flatten_keys(".").items()}
+    del model
+    torch._dynamo.reset()
+    return out
+
+
 def check_optimised_against_eager(cfg, state, args, batch, device, dtype) -> dict[str, float]:
-    """Loss and adapter gradients of the optimised step vs the plain eager step (full logits)."""
-    results = {}
-    for name, kw in (("eager", dict(compile_=False, checkpoint=False, full_ce=True)),
-                     ("optimised", dict(compile_=args.compile, checkpoint=args.check_ac, full_ce=False))):
-        model = build_model(cfg, state, device, dtype)
-        params, loss_fn = our_parts(model, args, **kw)
-        grads, loss, counts, _ = accumulate_grads(loss_fn, ntp_count, params, [batch])
-        results[name] = (loss / counts.sum(), {k: v.float() for k, v in grads.flatten_keys(".").items()})
-        del model
-        torch._dynamo.reset()
-    (l0, g0), (l1, g1) = results["eager"], results["optimised"]
-    loss_err = float((l1 - l0).abs() / l0.abs())
-    num = sum(float((g1[k] - g0[k]).norm() ** 2) for k in g0) ** 0.5
-    den = sum(float(g0[k].norm() ** 2) for k in g0) ** 0.5
-    return {"loss_rel_err": loss_err, "grad_rel_err": num / den}
+    """Loss and adapter gradients against an fp32 eager reference (full logits, no compile):
+    the optimised step (compiled layers, chunked CE) in fp32 must match it to 1e-3 (a strict
+    check of the machinery); in bf16 its error must stay within 1.5x the error of the plain
+    eager bf16 step (+1e-3): bf16 alone is far from fp32 on a random deep model, whose
+    per-token gradients nearly cancel."""
+    ref_loss, ref = adapter_grads(cfg, state, args, batch, device, torch.float32, compile_=False, checkpoint=False, full_ce=True)
+    optimised = dict(compile_=args.compile, checkpoint=args.check_ac, full_ce=False)
+    out = {}
+    for name, dt, kw in (("optimised_fp32", torch.float32, optimised),
+                         ("eager", dtype, dict(compile_=False, checkpoint=False, full_ce=True)),
+                         ("optimised", dtype, optimised)):
+        loss, g = adapter_grads(cfg, state, args, batch, device, dt, **kw)
+        out[f"{name}_loss_rel_err"] = abs(loss - ref_loss) / abs(ref_loss)
+        for leaf in ("lora_A", "lora_B"):
+            keys = [k for k in ref if k.endswith(leaf)]
+            num = sum(float((g[k] - ref[k]).norm() ** 2) for k in keys) ** 0.5
+            den = sum(float(ref[k].norm() ** 2) for k in keys) ** 0.5
+            out[f"{name}_{leaf}_grad_rel_err"] = num / den
+    metrics = ("loss_rel_err", "lora_A_grad_rel_err", "lora_B_grad_rel_err")
+    out["pass"] = all(out[f"optimised_fp32_{m}"] <= 1e-3 for m in metrics) and all(
+        out[f"optimised_{m}"] <= 1.5 * out[f"eager_{m}"] + 1e-3 for m in metrics
+    )
+    return out
+
+
+def count_host_syncs(step, device: torch.device) -> int:
+    """Host-device synchronisations during one step (CUDA sync debug mode)."""
+    if device.type != "cuda":
+        return 0
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.synchronize()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    for w in syncs[:3]:
+        print(f"    sync: {str(w.message).splitlines()[0]} ({w.filename}:{w.lineno})")
+    return len(syncs)
 
 
 # ----------------------------------------------------------------------------- main
@@ -242,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"shape {args.shape} batch {args.batch}x{args.seq} r={args.rank}; GEMM ceiling {ceiling / 1e12:.0f} TFLOP/s; "
           f"{fpt / 1e9:.2f} GFLOP/token; ideal {ceiling / fpt:,.0f} tok/s")
-    print(f"guard (optimised vs eager step): loss rel err {guard['loss_rel_err']:.2e}, grad rel err {guard['grad_rel_err']:.2e}")
+    print("guard vs fp32 eager reference: " + ", ".join(f"{k} {v:.2e}" for k, v in guard.items() if k != "pass")
+          + f" -> {'PASS' if guard['pass'] else 'FAIL'}")
 
     peft_kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(TARGETS))
     rows = []
@@ -256,14 +302,16 @@ def main(argv: list[str] | None = None) -> dict:
         if variant.startswith("peft"):
             model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant == "peft-bf16", lr=args.lr)
         else:
-            step = our_step(model, args, batch, compile_=variant in ("ours", "ours-ac"), checkpoint=variant == "ours-ac",
-                            full_ce=variant == "ours-eager-fullce")
+            step = our_step(model, args, batch, compile_=variant in ("ours", "ours-ac", "ours-autotune"),
+                            checkpoint=variant == "ours-ac", full_ce=variant == "ours-eager-fullce",
+                            mode="max-autotune-no-cudagraphs" if variant == "ours-autotune" else None)
         times = time_steps(step, device, warmup=args.warmup, repeats=args.repeats)
-        loss = float(step())
+        syncs = count_host_syncs(step, device)
+        loss = float(step().detach())
         ms = statistics.median(times)
         tps = tokens / (ms * 1e-3)
-        rows.append(Row(variant, ms, tps, tps * fpt / ceiling, peak_gib(device), loss))
-        print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {rows[-1].mfu:.3f}  peak {rows[-1].peak_gib:6.1f} GiB  loss {loss:.3f}", flush=True)
+        rows.append(Row(variant, ms, tps, tps * fpt / ceiling, peak_gib(device), loss, syncs))
+        print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {rows[-1].mfu:.3f}  peak {rows[-1].peak_gib:6.1f} GiB  loss {loss:.3f}  syncs {syncs}", flush=True)
         if args.profile == variant and device.type == "cuda":
             profile_step(step)
         del model, step

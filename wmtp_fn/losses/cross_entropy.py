@@ -4,9 +4,18 @@ without ever holding the full ``[N, V]`` logits (forward or backward).
 For ``N`` tokens and a vocabulary ``V`` the plain path ``F.cross_entropy(h @ W.T, y)`` keeps
 ``[N, V]`` logits in the compute dtype, an fp32 copy, and a same-sized gradient — for a 32k
 vocabulary and 16k tokens that is several GiB per head. Here the tokens are processed
-``chunk_size`` at a time: the forward keeps only the per-token log-sum-exp ``[N]``; the backward
-recomputes each chunk's logits (one extra matmul) to form ``softmax − onehot``. Peak extra
-memory is ``O(chunk_size · V)``.
+``chunk_size`` at a time, so peak extra memory is ``O(chunk_size · V)``.
+
+Two backward strategies:
+- gradient in forward (the usual case: ``h`` needs a gradient, ``W`` is frozen). The upstream
+  gradient of a per-token NLL is a per-token scalar ``g_i``, so
+  ``∂/∂h_i = g_i · (softmax_i − onehot(y_i)) W`` and the vector ``(softmax_i − onehot(y_i)) W``
+  can be formed while the chunk's logits are at hand. The backward is then one multiply: no
+  second pass over the logits and no recomputed matmul. It stores ``[N, d]`` in ``h``'s dtype.
+- recompute (``W`` needs a gradient too): the forward keeps the per-token log-sum-exp ``[N]`` and
+  the backward recomputes each chunk's logits.
+On CUDA the per-chunk elementwise work (upcast, log-sum-exp, softmax − onehot, downcast) is one
+compiled kernel pair; elsewhere it runs eagerly with the same math.
 """
 
 from __future__ import annotations
@@ -26,6 +35,58 @@ def _chunk_logits(h: Tensor, weight: Tensor) -> Tensor:
     in the input dtype (bf16 stays bf16, as in the model's own ``lm_head``); only the chunk is
     upcast."""
     return (h @ weight.T).to(_acc_dtype(h.dtype))
+
+
+def _chunk_nll_and_grad(logits: Tensor, tgt: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One chunk: ``logits [c, V]`` (input dtype), ``tgt [c]`` (any id where invalid), ``valid
+    [c]`` -> ``nll [c]``, ``lse [c]`` (accumulation dtype) and ``softmax − onehot [c, V]`` in the
+    input dtype, zero on invalid rows. Pure pointwise/reduction code so that it compiles into
+    two passes over the logits."""
+    x = logits.to(_acc_dtype(logits.dtype))
+    lse = torch.logsumexp(x, dim=-1)
+    onehot = torch.arange(x.shape[1], device=x.device).unsqueeze(0) == tgt.unsqueeze(1)
+    picked = torch.where(onehot, x, 0.0).sum(dim=-1)
+    nll = torch.where(valid, lse - picked, 0.0)
+    grad = torch.where(valid.unsqueeze(1), torch.exp(x - lse.unsqueeze(1)) - onehot.to(x.dtype), 0.0)
+    return nll, lse, grad.to(logits.dtype)
+
+
+_chunk_nll_and_grad_compiled = torch.compile(_chunk_nll_and_grad, dynamic=False, fullgraph=True)
+
+
+def _chunk_fn(device: torch.device):
+    return _chunk_nll_and_grad_compiled if device.type == "cuda" else _chunk_nll_and_grad
+
+
+class _LinearCrossEntropyGradInForward(torch.autograd.Function):
+    """``(h [N, d], W [V, d] frozen, targets [N]) -> nll [N]``, with ``∂nll_i/∂h_i`` formed in
+    the forward pass (see the module docstring)."""
+
+    @staticmethod
+    def forward(h: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, ignore_index: int):
+        n = h.shape[0]
+        nll = torch.empty(n, dtype=_acc_dtype(h.dtype), device=h.device)
+        dh = torch.empty_like(h)
+        chunk = _chunk_fn(h.device)
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            tgt = targets[s:e]
+            valid = tgt != ignore_index
+            nll[s:e], _, grad_logits = chunk(h[s:e] @ weight.T, torch.where(valid, tgt, 0), valid)
+            dh[s:e] = grad_logits @ weight
+        return nll, dh
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, dh = output
+        ctx.mark_non_differentiable(dh)
+        ctx.save_for_backward(dh)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_nll: Tensor, _grad_dh: Tensor | None):
+        (dh,) = ctx.saved_tensors
+        return (dh * grad_nll.unsqueeze(1)).to(dh.dtype), None, None, None, None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -128,5 +189,9 @@ def linear_cross_entropy(
         raise TypeError(f"linear_cross_entropy: targets must be int64, got {targets.dtype}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    nll, _ = _LinearCrossEntropy.apply(h, weight, targets.long(), chunk_size, ignore_index)
+    targets = targets.long()
+    if torch.is_grad_enabled() and h.requires_grad and not weight.requires_grad:
+        nll, _ = _LinearCrossEntropyGradInForward.apply(h, weight, targets, chunk_size, ignore_index)
+    else:
+        nll, _ = _LinearCrossEntropy.apply(h, weight, targets, chunk_size, ignore_index)
     return nll

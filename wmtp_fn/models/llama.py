@@ -1,0 +1,77 @@
+"""The decoder stack of a HuggingFace Llama, run directly: embed → rotary → layers → norm.
+
+`LlamaModel.forward` inspects its inputs on the host every call (with no attention mask it
+looks for packed sequences, `(…).all()`): a device sync per step. Training batches need no
+mask at all when they are unpadded or right-padded (causal attention never looks right), so
+this forward builds HF's 4D mask only for other padding, and otherwise lets attention take its
+unmasked causal kernel. The decoder layers are HF's own modules (compiled, checkpointed or
+FSDP-sharded per layer as usual); outputs equal `LlamaModel`'s exactly (tested).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers import masking_utils
+
+_MASK_TAKES_CACHE_POSITION = "cache_position" in inspect.signature(masking_utils.create_causal_mask).parameters
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """True if every row is ones then zeros (no padding, or padding on the right only).
+    A host-side check: call it on the CPU batch, before moving it to the device."""
+    m = attention_mask.to(torch.int8)
+    return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
+
+
+def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Final (normalised) hidden states `[B, T, d]` of a `LlamaModel`-like module.
+
+    input_ids: [B, T]; attention_mask: [B, T] or None. Pass None for unpadded or right-padded
+    batches (see `right_padded`); any other mask goes through HF's own mask construction.
+    """
+    hidden = model.embed_tokens(input_ids)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+    rope = model.rotary_emb(hidden, positions)
+    mask = None
+    if attention_mask is not None:
+        extra = {"cache_position": positions[0]} if _MASK_TAKES_CACHE_POSITION else {}
+        mask = masking_utils.create_causal_mask(
+            config=model.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=positions,
+            **extra,
+        )
+    for layer in model.layers:
+        out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
+    return model.norm(hidden)
+
+
+class HiddenStates(nn.Module):
+    """A view of a base (`LlamaForCausalLM` or `LlamaModel`) whose forward is `decoder_forward`.
+
+    Submodules keep the base's own paths (`model.layers.0…` for a causal LM, `layers.0…` for a
+    bare `LlamaModel`), so an adapter rooted at the base binds to this view unchanged:
+    `apply(HiddenStates(base), adapter, spec, input_ids=…)`.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        inner = getattr(base, "model", None)
+        self._prefixed = inner is not None and hasattr(inner, "layers")
+        if self._prefixed:
+            self.model = inner
+        elif hasattr(base, "layers"):
+            for name in ("embed_tokens", "rotary_emb", "layers", "norm"):
+                self.add_module(name, getattr(base, name))
+            self.config = base.config
+        else:
+            raise ValueError(f"{type(base).__name__} is not a HF Llama (no decoder layers)")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return decoder_forward(self.model if self._prefixed else self, input_ids, attention_mask)
