@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from wmtp_fn.data.sandbox import Limits, SandboxResult, others_can_read, run_program
+from wmtp_fn.data.sandbox import Limits, SandboxResult, classify, others_can_read, run_program
 
 ROOT = os.geteuid() == 0
 GUARDS = [True, False] if ROOT else [True]
@@ -110,6 +110,18 @@ def test_program_can_use_its_workdir_and_stdlib():
     r = run("import json, math, collections, itertools, re\n"
             "open('scratch.txt', 'w').write('x' * 10)\nprint(len(open('scratch.txt').read()))")
     assert (r.status, r.stdout) == ("passed", "10\n")
+
+
+def test_classify_golden():
+    lim = Limits(timeout_s=2.0)
+    passed = {"nonce": "n", "status": "passed", "message": ""}
+    assert classify(passed, True, -9, lim, 2.1) == SandboxResult("passed", "", 2.1)  # it finished
+    assert classify(None, True, -9, lim, 2.0).message == "timed out after 2 s (wall clock)"
+    assert classify(None, False, -24, lim, 1.0) == SandboxResult(
+        "timeout", "CPU time limit exceeded (3 s)", 1.0)
+    assert classify(None, False, -11, lim, 0.1, stderr="x\nboom\n\n").message == (
+        "no verdict: killed by signal SIGSEGV; stderr: boom")
+    assert classify({"status": "weird"}, False, 0, lim, 0.1).message == "no verdict: exited with code 0"
 
 
 def test_others_can_read(tmp_path):

@@ -26,6 +26,12 @@ there for what happens inside the child). The host side:
 Statuses: ``passed`` / ``failed`` come from the child's verdict; ``timeout`` when the wall clock
 or the CPU limit ran out; ``error`` when the child ended without a verdict (killed by a signal,
 ``os._exit``, the driver failing to set up).
+
+What this does not promise: the verdict is reported by the same process that runs the program,
+tagged with a nonce the program never sees on any channel, so printing or writing a fake
+verdict does not work; but code that digs through the driver's own frames can still fake a
+pass. The sandbox contains what a program can do to the host; it does not make a deliberately
+hostile program's *result* trustworthy.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
+
+from wmtp_fn.data.sandbox_driver import descendants, proc_table
 
 Status = Literal["passed", "failed", "timeout", "error"]
 
@@ -235,8 +243,6 @@ def _verdict(f, nonce: str) -> dict | None:
 
 def _kill_tree(pid: int) -> None:
     """Non-root cleanup: SIGKILL ``pid``'s live descendants (it is their subreaper) and group."""
-    from wmtp_fn.data.sandbox_driver import descendants, proc_table
-
     for _ in range(100):
         table = proc_table()
         live = [p for p in descendants(pid, table) if table[p][1] != "Z"]
@@ -258,7 +264,10 @@ def _remove_tree(path: str) -> None:
         with contextlib.suppress(OSError):
             func(p)
 
-    shutil.rmtree(path, onerror=retry)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
 
 
 def _no_verdict_message(returncode: int, stderr: str) -> str:
@@ -272,6 +281,27 @@ def _no_verdict_message(returncode: int, stderr: str) -> str:
         text = f"no verdict: exited with code {returncode}"
     last = [line for line in stderr.splitlines() if line.strip()]
     return f"{text}; stderr: {last[-1]}" if last else text
+
+
+def classify(
+    verdict: dict | None,
+    timed_out: bool,
+    returncode: int,
+    limits: Limits,
+    seconds: float,
+    stdout: str = "",
+    stderr: str = "",
+) -> SandboxResult:
+    """How a run ended, from what the host observed (pure)."""
+    if verdict is not None and verdict.get("status") in ("passed", "failed"):
+        return SandboxResult(verdict["status"], str(verdict.get("message", "")), seconds, stdout, stderr)
+    if timed_out:
+        message = f"timed out after {limits.timeout_s:g} s (wall clock)"
+        return SandboxResult("timeout", message, seconds, stdout, stderr)
+    if returncode == -signal.SIGXCPU:
+        message = f"CPU time limit exceeded ({limits.rlimits()['RLIMIT_CPU']} s)"
+        return SandboxResult("timeout", message, seconds, stdout, stderr)
+    return SandboxResult("error", _no_verdict_message(returncode, stderr), seconds, stdout, stderr)
 
 
 def _run(source: str, limits: Limits, guard: bool, python: str, uid: int | None) -> SandboxResult:
@@ -322,15 +352,7 @@ def _run(source: str, limits: Limits, guard: bool, python: str, uid: int | None)
                 reap_uid(uid, python)
             stdout, stderr = _tail(out), _tail(err)
             verdict = _verdict(verdict_file, nonce)
-        if verdict is not None and verdict.get("status") in ("passed", "failed"):
-            return SandboxResult(verdict["status"], str(verdict.get("message", "")), seconds, stdout, stderr)
-        if timed_out:
-            return SandboxResult("timeout", f"timed out after {limits.timeout_s:g} s (wall clock)",
-                                 seconds, stdout, stderr)
-        if proc.returncode == -signal.SIGXCPU:
-            cpu = limits.rlimits()["RLIMIT_CPU"]
-            return SandboxResult("timeout", f"CPU time limit exceeded ({cpu} s)", seconds, stdout, stderr)
-        return SandboxResult("error", _no_verdict_message(proc.returncode, stderr), seconds, stdout, stderr)
+        return classify(verdict, timed_out, proc.returncode, limits, seconds, stdout, stderr)
     finally:
         _remove_tree(workdir)
 
