@@ -239,7 +239,9 @@ def write_json(path: str, obj: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: the package's embedded/)")
+    parser.add_argument(
+        "--out", default=DEFAULT_OUT, help="output directory (default: the package's embedded/)"
+    )
     parser.add_argument("--tasks", default=None, help="comma-separated task ids (default: all)")
     parser.add_argument("--workers", type=int, default=2, help="sandbox runs in parallel")
     parser.add_argument("--no-tokenizer", action="store_true", help="skip training the tokenizer")

@@ -380,7 +380,9 @@ def _drops(c: _Context, node: ast.AST, first_line: int, skip: set[int]) -> list[
                 continue  # a big deletion makes a mutant recognisable by its length alone
             span = _whole_lines(c.text, stmt)
             if span:
-                lines = f"{stmt.lineno}" if stmt.end_lineno == stmt.lineno else f"{stmt.lineno}-{stmt.end_lineno}"
+                lines = str(stmt.lineno)
+                if stmt.end_lineno > stmt.lineno:
+                    lines += f"-{stmt.end_lineno}"
                 out.append(Mutation("drop", *span, "", stmt.lineno, f"drop line {lines}"))
     return out
 

@@ -8,12 +8,13 @@ in a fresh working directory that holds ``program.py``. It imports nothing from 
 Steps, in order:
 1. When started as root (``uid`` in the config): enter a new network namespace (no interfaces
    up, best effort) and a new mount namespace where every mount but the working directory is
-   read-only (so /tmp, /dev/shm and other world-writable places are closed too), then drop to the unprivileged ``uid``/``gid`` for good: no supplementary
-   groups, ``no_new_privs``, an empty capability bounding set. If the interpreter's own files
-   are not readable by others (e.g. a Python under ``/root``), ``CAP_DAC_READ_SEARCH`` is the
-   one capability kept, so imports still work; it grants reading, never writing, killing or
-   raising limits. In both cases become a child subreaper, so orphaned grandchildren stay in
-   this process's tree where they can be found, killed and reaped.
+   read-only (so /tmp, /dev/shm and other world-writable places are closed too), then drop to
+   the unprivileged ``uid``/``gid`` for good: no supplementary groups, ``no_new_privs``, an
+   empty capability bounding set. If the interpreter's own files are not readable by others
+   (e.g. a Python under ``/root``), ``CAP_DAC_READ_SEARCH`` is the one capability kept, so
+   imports still work; it grants reading, never writing, killing or raising limits. In both
+   cases become a child subreaper, so orphaned grandchildren stay in this process's tree where
+   they can be found, killed and reaped.
 2. Resource limits (CPU seconds, address space, file size, processes, open files, no core).
 3. With ``guard``, an audit hook refuses from inside Python: sockets, ctypes, running other
    programs, signalling processes outside this tree, and writing/deleting/renaming files
@@ -71,12 +72,13 @@ def read_only_filesystem(workdir: str) -> list:
 
     World-writable places (/tmp, /var/tmp, /dev/shm, ...) are where an unprivileged uid could
     still write; this closes all of them at once instead of listing them. The host's mounts are
-    untouched (the namespace's mounts are private copies). Returns the mount points that could
-    not be made read-only ([] when all were); raises if the namespace itself is refused.
+    untouched (the namespace's mounts are private copies). Returns what could not be done
+    ([] when everything was): a refused namespace (a container without CAP_SYS_ADMIN) leaves
+    file permissions and the guard as the only protection, which the caller reports.
     """
     ctypes, libc = _libc()
     if libc.unshare(_CLONE_NEWNS) != 0:
-        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS) failed")
+        return [f"no mount namespace ({os.strerror(ctypes.get_errno())})"]
 
     def mount(source, target, flags):
         if libc.mount(source, target.encode(), None, ctypes.c_ulong(flags), None) != 0:
@@ -99,7 +101,7 @@ def read_only_filesystem(workdir: str) -> list:
                     flags |= ms_flag
             mount(None, point, flags)
         except OSError:
-            failed.append(point)
+            failed.append(f"not read-only: {point}")
     os.chdir(workdir)  # the old cwd is the directory under the bind mount, now read-only
     return failed
 
@@ -306,10 +308,10 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     if config["uid"] is not None:
-        isolate_network()
-        not_read_only = read_only_filesystem(os.getcwd())
-        if not_read_only:
-            sys.stderr.write(f"sandbox: could not make read-only: {not_read_only}\n")
+        problems = [] if isolate_network() else ["no network namespace"]
+        problems += read_only_filesystem(os.getcwd())
+        if problems:  # weaker isolation is said, not hidden: it shows in the result's stderr
+            sys.stderr.write(f"sandbox: isolation incomplete: {problems}\n")
         drop_privileges(config["uid"], config["gid"], config["keep_read"])
     become_subreaper()
     set_limits(config["limits"])
