@@ -1,0 +1,3 @@
+from wmtp_fn.run import main
+
+main()
