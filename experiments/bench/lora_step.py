@@ -5,7 +5,8 @@
 
 Every variant trains the same random-weight model (bf16 on GPU) on the same batch with fused
 AdamW; each is built fresh so its peak memory is its own. Steps are timed with CUDA events
-after warm-up (median of repeats). MFU is against a bf16 GEMM ceiling measured in the same
+after warm-up, in blocks of back-to-back steps synchronised once per block (as a training
+loop that reads metrics at log points runs); the median over blocks is reported. MFU is against a bf16 GEMM ceiling measured in the same
 run. Before timing, the optimised step's loss and gradients are checked against the plain
 eager step (full logits, no compile) on the same batch.
 
@@ -73,8 +74,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(fn, device: torch.device, *, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds per call: CUDA events on GPU, perf_counter on CPU; after `warmup` calls."""
+def time_steps(fn, device: torch.device, *, warmup: int, repeats: int, block: int = 1) -> list[float]:
+    """Milliseconds per call after `warmup` calls: `repeats` blocks of `block` back-to-back
+    calls, each block timed with CUDA events (perf_counter on CPU) and synchronised once, as
+    a training loop that reads metrics only at log points runs (the host may run ahead)."""
     for _ in range(warmup):
         fn()
     sync(device)
@@ -83,14 +86,16 @@ def time_steps(fn, device: torch.device, *, warmup: int, repeats: int) -> list[f
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            for _ in range(block):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(start.elapsed_time(end) / block)
         else:
             t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+            for _ in range(block):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / block)
     return times
 
 
@@ -256,11 +261,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--ce-chunk", type=int, default=2048)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=5, help="timed blocks")
+    p.add_argument("--block", type=int, default=4, help="back-to-back steps per timed block")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-compile", dest="compile", action="store_false", help="guard: check the eager step instead")
     p.add_argument("--check-ac", action="store_true", help="guard: also activation checkpointing")
     p.add_argument("--profile", default="", help="variant to profile (top kernels by CUDA time)")
+    p.add_argument("--trace", default="", help="write a gzipped Chrome trace (CPU+CUDA, 2 steps) of --profile's variant here")
     p.add_argument("--json", default="", help="write the results here")
     args = p.parse_args(argv)
 
@@ -305,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
             step = our_step(model, args, batch, compile_=variant in ("ours", "ours-ac", "ours-autotune"),
                             checkpoint=variant == "ours-ac", full_ce=variant == "ours-eager-fullce",
                             mode="max-autotune-no-cudagraphs" if variant == "ours-autotune" else None)
-        times = time_steps(step, device, warmup=args.warmup, repeats=args.repeats)
+        times = time_steps(step, device, warmup=args.warmup, repeats=args.repeats, block=args.block)
         syncs = count_host_syncs(step, device)
         loss = float(step().detach())
         ms = statistics.median(times)
@@ -313,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(Row(variant, ms, tps, tps * fpt / ceiling, peak_gib(device), loss, syncs))
         print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {rows[-1].mfu:.3f}  peak {rows[-1].peak_gib:6.1f} GiB  loss {loss:.3f}  syncs {syncs}", flush=True)
         if args.profile == variant and device.type == "cuda":
-            profile_step(step)
+            profile_step(step, trace=args.trace)
         del model, step
 
     by = {r.variant: r for r in rows}
@@ -330,14 +337,27 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def profile_step(step, n: int = 3) -> None:
+def profile_step(step, n: int = 3, trace: str = "") -> None:
+    """Top kernels by CUDA time over `n` steps; optionally a CPU+CUDA Chrome trace of 2 steps."""
+    import gzip
+    import shutil
+
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=20))
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
+    if trace:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(2):
+                step()
+            torch.cuda.synchronize()
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        Path(trace).unlink()
 
 
 if __name__ == "__main__":

@@ -89,8 +89,11 @@ def from_flat(flat: dict[str, torch.Tensor]) -> TensorDict:
 
 
 def to_flat(adapter: TensorDict) -> dict[str, torch.Tensor]:
-    """The adapter as `{"a.b.lora_A": t}`, in insertion order."""
-    return dict(adapter.flatten_keys(".").items())
+    """The adapter as `{"a.b.lora_A": t}`, in insertion order (one traversal, no copies)."""
+    return {
+        ".".join(k) if isinstance(k, tuple) else k: v
+        for k, v in adapter.items(include_nested=True, leaves_only=True)
+    }
 
 
 def validate(adapter: TensorDict, spec: AdapterSpec, model: nn.Module, *, check_base: bool = True) -> None:
@@ -125,22 +128,30 @@ def bind(
 ) -> dict[str, torch.Tensor]:
     """The flat tensors `functional_call` puts into the slots, for one call.
 
-    Every master leaf is cast to `dtype` once here (not per op); the scaling is folded into B;
-    a dropout probability is bound only when training with `spec.dropout > 0`. Autograd flows
-    from these tensors back to the fp32 masters.
+    The master leaves are cast to `dtype` once here (not per op), the scaling folded into B,
+    a dropout probability bound only when training with `spec.dropout > 0`. Leaves of a kind
+    (all A, all B, all magnitudes) are concatenated, scaled and cast together and handed out
+    as views, so a call costs a handful of kernels (and its backward a handful more) however
+    many modules the adapter covers. Autograd flows from these views back to the masters.
     """
-    scaling = spec.scaling
+    flat = to_flat(adapter)
+    groups: dict[str, list[str]] = {leaf: [] for leaf in LEAVES}
+    for key in flat:
+        groups[key.rpartition(".")[2]].append(key)
     out = {}
-    for key, t in adapter.flatten_keys(".").items():
-        if key.endswith(".lora_B"):
-            out[key] = (t * scaling).to(dtype)
-        else:
-            out[key] = t.to(dtype)
+    for leaf, keys in groups.items():
+        if not keys:
+            continue
+        masters = [flat[k] for k in keys]
+        joined = torch.cat([t.reshape(-1) for t in masters])
+        if leaf == "lora_B":
+            joined = joined * spec.scaling
+        pieces = joined.to(dtype).split([t.numel() for t in masters])
+        out.update({k: piece.view(t.shape) for k, piece, t in zip(keys, pieces, masters)})
     if train and spec.dropout > 0:
         p = torch.tensor(float(spec.dropout), dtype=dtype, device=_first(out).device)
-        for key in list(out):
-            if key.endswith(".lora_A"):
-                out[key[: -len("lora_A")] + "lora_dropout"] = p
+        for key in groups["lora_A"]:
+            out[key[: -len("lora_A")] + "lora_dropout"] = p
     return out
 
 

@@ -34,7 +34,9 @@ from torch import Tensor
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from wmtp_fn.train.clip import clip_tensors_
-from wmtp_fn.train.tree import Key, leaf_keys, leaves
+from functools import lru_cache
+
+from wmtp_fn.train.tree import Key, aligned_leaves, leaf_items, leaf_keys, leaves
 
 _IMPLS = ("auto", "fused", "foreach")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -133,8 +135,8 @@ def _matches(key: Key, pattern: str) -> bool:
     return fnmatchcase(key[-1], pattern) or fnmatchcase(".".join(key), pattern)
 
 
-def _lr_multiplier(key: Key, cfg: AdamWConfig) -> float:
-    found = {m for pat, m in cfg.lr_multipliers.items() if _matches(key, pat)}
+def _lr_multiplier(key: Key, multipliers: tuple[tuple[str, float], ...]) -> float:
+    found = {m for pat, m in multipliers if _matches(key, pat)}
     if len(found) > 1:
         raise ValueError(
             f"leaf {'.'.join(key)!r} matches lr_multipliers with different values {sorted(found)}"
@@ -144,12 +146,26 @@ def _lr_multiplier(key: Key, cfg: AdamWConfig) -> float:
 
 def param_groups(params: TensorDict, cfg: AdamWConfig) -> list[ParamGroup]:
     """Partition the leaves of ``params`` into kernel groups (order of first appearance)."""
+    keys, values = leaf_items(params)
+    return list(_groups(
+        tuple(keys),
+        tuple((t.device, t.dtype) for t in values),
+        tuple(sorted(cfg.lr_multipliers.items())),
+        tuple(cfg.no_decay) if cfg.weight_decay > 0.0 else None,
+    ))
+
+
+@lru_cache(maxsize=64)
+def _groups(
+    keys: tuple[Key, ...], placements: tuple, multipliers: tuple, no_decay: tuple[str, ...] | None
+) -> tuple[ParamGroup, ...]:
+    """Memoised (a run asks for the same partition every step); no_decay None: no decay at all."""
     groups: dict[tuple, list[Key]] = {}
-    for key, t in zip(keys := leaf_keys(params), leaves(params, keys)):
-        decay = cfg.weight_decay > 0.0 and not any(_matches(key, p) for p in cfg.no_decay)
-        gk = (_lr_multiplier(key, cfg), decay, t.device, t.dtype)
+    for key, (device, dtype) in zip(keys, placements):
+        decay = no_decay is not None and not any(_matches(key, p) for p in no_decay)
+        gk = (_lr_multiplier(key, multipliers), decay, device, dtype)
         groups.setdefault(gk, []).append(key)
-    return [ParamGroup(m, d, dev, dt, tuple(ks)) for (m, d, dev, dt), ks in groups.items()]
+    return tuple(ParamGroup(m, d, dev, dt, tuple(ks)) for (m, d, dev, dt), ks in groups.items())
 
 
 def _resolve_impl(impl: str, group: ParamGroup) -> str:
@@ -185,18 +201,16 @@ def update(
     """
     if not (lr >= 0.0 and lr < float("inf")):
         raise ValueError(f"AdamW.update: lr must be finite and >= 0, got {lr!r}")
-    keys = leaf_keys(params)
-    if set(leaf_keys(grads)) != set(keys):
-        extra = set(leaf_keys(grads)) ^ set(keys)
-        names = sorted(".".join(k) for k in extra)[:5]
-        raise KeyError(f"AdamW.update: grads and params differ in leaves {names}")
-    g_all = leaves(grads, keys)
-    for k, g, p in zip(keys, g_all, leaves(params, keys)):
+    keys, p_all = leaf_items(params)
+    g_all = aligned_leaves(grads, keys, what="AdamW.update: grads")
+    for k, g, p in zip(keys, g_all, p_all):
         if g.shape != p.shape:
             raise ValueError(
                 f"AdamW.update: grad of {'.'.join(k)!r} has shape {tuple(g.shape)}, param {tuple(p.shape)}"
             )
-    grad_of = dict(zip(keys, g_all))
+    position = {k: i for i, k in enumerate(keys)}
+    trees = [p_all, g_all] + [aligned_leaves(t, keys, what=f"AdamW.update: state.{n}") for n, t in
+                              (("mu", state.mu), ("nu", state.nu), ("count", state.count))]
 
     norm = clip_tensors_(g_all, cfg.max_grad_norm)
     found = ~torch.isfinite(norm)
@@ -207,12 +221,9 @@ def update(
     beta1, beta2 = cfg.betas
     for group in param_groups(params, cfg):
         kernel = _fused_adamw_ if _resolve_impl(cfg.impl, group) == "fused" else _foreach_adamw_
+        idx = [position[k] for k in group.keys]
         kernel(
-            leaves(params, group.keys),
-            [grad_of[k] for k in group.keys],
-            leaves(state.mu, group.keys),
-            leaves(state.nu, group.keys),
-            leaves(state.count, group.keys),
+            *([tree[i] for i in idx] for tree in trees),
             lr=lr * group.lr_multiplier,
             beta1=beta1,
             beta2=beta2,

@@ -15,7 +15,7 @@ import torch
 from tensordict import TensorDict
 from torch import Tensor
 
-from wmtp_fn.train.tree import leaf_keys, leaves
+from wmtp_fn.train.tree import leaf_items
 
 
 def global_norm(tensors: Sequence[Tensor]) -> Tensor:
@@ -54,5 +54,5 @@ def clip_by_global_norm(grads: TensorDict, max_norm: float | None) -> tuple[Tens
     """
     if max_norm is not None and max_norm < 0:
         raise ValueError(f"max_norm must be None or >= 0, got {max_norm!r}")
-    norm = clip_tensors_(leaves(grads, leaf_keys(grads)), max_norm)
+    norm = clip_tensors_(leaf_items(grads)[1], max_norm)
     return grads, norm

@@ -8,8 +8,8 @@ Objective of a step (``K`` loss components, e.g. ``K = 1`` for NTP, ``K = H`` he
 so accumulating over micro-batches is exactly one big batch (not a mean of means), and a
 batch with no valid tokens gives a finite 0 loss and zero gradients.
 
-Gradients: plain autograd on detached fp32 leaves that require grad, one ``.backward()`` per
-micro-batch accumulating into ``.grad``. Why not ``torch.func.grad_and_value``: it needs the
+Gradients: plain autograd on a detached fp32 copy of the params (one flat leaf, viewed as the
+pytree's leaves), one ``.backward()`` per micro-batch accumulating into ``.grad``. Why not ``torch.func.grad_and_value``: it needs the
 whole forward to be functorch-transformable (HF models with in-place caches, custom autograd
 Functions without vmap rules, FSDP hooks), and in eager mode it buys no speed — it runs the
 same autograd engine with extra wrapping; ``.backward()`` lets the engine accumulate in
@@ -40,7 +40,7 @@ from wmtp_fn.train import adamw
 from wmtp_fn.train.rng import seeded, step_seed
 from wmtp_fn.train.schedule import ScheduleConfig, lr_at
 from wmtp_fn.train.state import TrainState
-from wmtp_fn.train.tree import leaf_keys
+from wmtp_fn.train.tree import leaf_items, tree_from_leaves
 
 LossFn = Callable[[TensorDict, Any], tuple[Tensor, Mapping[str, Any]]]
 CountFn = Callable[[Any], Tensor]
@@ -89,9 +89,7 @@ def accumulate_grads(
             f"count_fn must return a [K] tensor, got shape {tuple(counts.shape[1:])} per micro-batch"
         )
     w = component_weights(counts)
-    # Fresh leaves sharing storage with params: the graph reads the current values, and the
-    # optimizer may later update params in place (the graph is gone by then).
-    tracked = params.apply(lambda t: t.detach().requires_grad_())
+    tracked, flat = _tracked_copy(params)
     loss = None
     aux_sum: dict[str, Tensor] = {}
     for mb in mbs:
@@ -106,13 +104,31 @@ def accumulate_grads(
         loss = objective.detach() if loss is None else loss + objective.detach()
         for name, v in _scalar_aux(aux).items():
             aux_sum[name] = aux_sum[name] + v if name in aux_sum else v
-    keys = leaf_keys(tracked)
-    grads = TensorDict({}, batch_size=params.batch_size)
-    for k in keys:
-        t = tracked.get(k)
-        grads.set(k, t.grad if t.grad is not None else torch.zeros_like(t))
+    keys, ts = leaf_items(tracked)
+    if flat is not None:
+        grad = flat.grad if flat.grad is not None else torch.zeros_like(flat)
+        values = [g.view(t.shape) for g, t in zip(grad.split([t.numel() for t in ts]), ts)]
+    else:
+        values = [t.grad if t.grad is not None else torch.zeros_like(t) for t in ts]
+    grads = tree_from_leaves(keys, values, params.batch_size)
     aux_mean = {name: v / len(mbs) for name, v in aux_sum.items()}
     return grads, loss, counts, aux_mean
+
+
+def _tracked_copy(params: TensorDict) -> tuple[TensorDict, Tensor | None]:
+    """Leaves to differentiate: copies of the current values that require grad.
+
+    When all leaves share a device and dtype (the usual case) they are views of *one* flat
+    leaf, so autograd accumulates a single gradient buffer instead of one per leaf (hundreds
+    of small kernels per step for an adapter on every linear). Returns (tree, flat or None).
+    The optimizer may later update `params` in place; the graph is gone by then.
+    """
+    keys, ts = leaf_items(params)
+    if len({(t.device, t.dtype) for t in ts}) != 1:
+        return params.apply(lambda t: t.detach().requires_grad_()), None
+    flat = torch.cat([t.detach().reshape(-1) for t in ts]).requires_grad_()
+    views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in ts]), ts)]
+    return tree_from_leaves(keys, views, params.batch_size), flat
 
 
 def make_train_step(

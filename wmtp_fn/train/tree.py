@@ -48,3 +48,39 @@ def dotted(key: Key, sep: str = ".") -> str:
         if sep in part:
             raise ValueError(f"key part {part!r} of {key!r} contains the separator {sep!r}")
     return sep.join(key)
+
+
+def leaf_items(tree: TensorDict) -> tuple[list[Key], list[Tensor]]:
+    """``(keys, leaves)`` in one traversal (the hot path of a step: no per-key lookups)."""
+    keys, values = [], []
+    for k, v in tree.items(include_nested=True, leaves_only=True):
+        keys.append(k if isinstance(k, tuple) else (k,))
+        values.append(v)
+    return keys, values
+
+
+def aligned_leaves(tree: TensorDict, keys: Sequence[Key], *, what: str = "pytree") -> list[Tensor]:
+    """The leaves of ``tree`` in ``keys`` order, in one traversal when the order already agrees.
+
+    Raises ``KeyError`` naming the first missing or unexpected leaves, so a gradient or moment
+    tree whose structure drifted from the parameters fails loudly instead of skipping leaves.
+    """
+    own_keys, values = leaf_items(tree)
+    if own_keys == list(keys):
+        return values
+    by_key = dict(zip(own_keys, values))
+    diff = sorted(dotted(k) for k in set(by_key) ^ set(keys))
+    if diff:
+        raise KeyError(f"{what} and params differ in leaves {diff[:5]}")
+    return [by_key[k] for k in keys]
+
+
+def tree_from_leaves(keys: Sequence[Key], values: Sequence[Tensor], batch_size=()) -> TensorDict:
+    """A nested TensorDict with ``values`` at ``keys`` (built in one constructor call)."""
+    nested: dict = {}
+    for k, v in zip(keys, values):
+        node = nested
+        for part in k[:-1]:
+            node = node.setdefault(part, {})
+        node[k[-1]] = v
+    return TensorDict(nested, batch_size=batch_size)
