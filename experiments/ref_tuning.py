@@ -23,7 +23,7 @@ def get_config() -> ConfigDict:
 
     c.base = ConfigDict()
     c.base.path = ""  # a HuggingFace Llama directory; "" = build the embedded tiny Llama
-    c.base.tiny_hidden_size = 128  # the embedded tiny Llama's shape (ignored with a path)
+    c.base.tiny_hidden_size = 256  # the embedded tiny Llama's shape (ignored with a path)
     c.base.tiny_layers = 2
     c.base.compile = False  # torch.compile each decoder layer (GPU)
     c.base.activation_checkpointing = False
@@ -43,15 +43,15 @@ def get_config() -> ConfigDict:
     c.data.difficulty_weights = ConfigDict({"all": 1.0})
 
     c.lora = ConfigDict()
-    c.lora.rank = 8
-    c.lora.alpha = 16.0
+    c.lora.rank = 16
+    c.lora.alpha = 32.0
     c.lora.dropout = 0.05
     c.lora.targets = ALL_TARGETS
     c.lora.use_rslora = False
     c.lora.use_dora = False
 
     c.optim = ConfigDict()
-    c.optim.lr = 3e-3
+    c.optim.lr = 5e-3
     c.optim.betas = (0.9, 0.999)
     c.optim.eps = 1e-8
     c.optim.weight_decay = 0.0

@@ -1,0 +1,109 @@
+"""ref_tuning end to end on the embedded default (tiny Llama, bundled HumanEval data, CPU)."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from wmtp_fn import checkpoint
+from wmtp_fn.adapters import install_slots, to_flat
+from wmtp_fn.models.base import load_base
+from wmtp_fn.run import run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def config(out_dir, **overrides):
+    spec = importlib.util.spec_from_file_location("ref_tuning_cfg", ROOT / "experiments" / "ref_tuning.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.out_dir = str(out_dir)
+    cfg.train.log_every = 2
+    for dotted, value in overrides.items():
+        node = cfg
+        *path, leaf = dotted.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return cfg
+
+
+def test_embedded_ref_tuning_lowers_validation_loss_and_writes_the_adapter(tmp_path):
+    result = run_config(config(tmp_path, **{"train.steps": 40, "train.eval_every": 0, "train.save_every": 0,
+                                           "optim.lr": 5e-3, "lora.rank": 8, "data.val_n_samples": 8}))
+    assert result.steps == 40
+    assert result.final_val_loss < result.first_val_loss - 0.3, (result.first_val_loss, result.final_val_loss)
+
+    base = load_base(tmp_path / "base")
+    install_slots(base)
+    adapter, spec = checkpoint.load_adapter(result.adapter_dir, "lora", base)  # strict: keys, shapes, base
+    assert spec.rank == 8 and spec.base_fingerprint is not None
+    seed = checkpoint.read_seed_checkpoint(tmp_path / "adapter.hf_lora.pt", base)
+    for k, v in to_flat(adapter).items():
+        assert torch.equal(to_flat(seed.adapter)[k], v)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "val_loss" in x] == [0, 40]
+    assert all(x["loss"] > 0 and x["tokens_per_s"] > 0 for x in lines if "loss" in x)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["train.steps"] == 40 and saved["optim.lr"] == 5e-3
+
+
+def test_resume_after_three_steps_is_bitwise_identical(tmp_path):
+    overrides = {"train.steps": 6, "train.save_every": 3, "train.eval_every": 0, "train.batch_size": 4,
+                 "train.micro_batch_size": 2, "data.val_n_samples": 4}
+    run_config(config(tmp_path / "straight", **overrides))
+
+    interrupted = tmp_path / "interrupted"
+    run_config(config(interrupted, **overrides))
+    ckpts = interrupted / "checkpoints"
+    shutil.rmtree(ckpts / "step_00000006")  # as if the run had died after step 3's checkpoint
+    checkpoint.atomic_write_text(ckpts / "latest", "step_00000003\n")
+    shutil.rmtree(interrupted / "adapter")
+    run_config(config(interrupted, **overrides))
+
+    a, _ = checkpoint.read_checkpoint(checkpoint.latest(tmp_path / "straight" / "checkpoints"))
+    b, meta = checkpoint.read_checkpoint(checkpoint.latest(ckpts))
+    assert meta["state"]["step"] == 6 and meta["cursor"]["position"] > 0
+    for group in ("params", "opt"):
+        assert a[group].keys() == b[group].keys()
+        for k in a[group]:
+            assert torch.equal(a[group][k], b[group][k]), (group, k)
+
+
+def test_changed_config_refuses_to_resume(tmp_path):
+    run_config(config(tmp_path, **{"train.steps": 2, "train.eval_every": 0, "lora.rank": 8, "data.val_n_samples": 2}))
+    with pytest.raises(ValueError, match=r"another config \(lora.rank: 8 -> 4\)"):
+        run_config(config(tmp_path, **{"train.steps": 2, "lora.rank": 4, "data.val_n_samples": 2}))
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        run_config(config(tmp_path, **{"train.steps": 2, "train.resume": "never", "lora.rank": 8, "data.val_n_samples": 2}))
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.train.stepz=3", "stepz"),
+        ("--config.train.steps=many", "many"),
+    ],
+)
+def test_bad_override_is_an_error(flag, message, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "wmtp_fn", "--config", "experiments/ref_tuning.py", flag, f"--config.out_dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_unknown_pipeline_is_an_error(tmp_path):
+    cfg = config(tmp_path)
+    with cfg.unlocked():
+        cfg.pipeline = "nope"
+    with pytest.raises(ValueError, match=r"config.pipeline is 'nope'; expected one of \('ref_tuning',\)"):
+        run_config(cfg)
