@@ -26,6 +26,7 @@ def get_config() -> ConfigDict:
     c.base.tiny_hidden_size = 256  # the embedded tiny Llama's shape (ignored with a path)
     c.base.tiny_layers = 2
     c.base.compile = False  # torch.compile each decoder layer (GPU)
+    c.base.activation_memory_budget = 1.0  # with compile: < 1 recomputes cheap activations to save memory
     c.base.activation_checkpointing = False
 
     c.data = ConfigDict()

@@ -52,7 +52,8 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
 }
-VARIANTS = ("peft-default", "peft-bf16", "ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-autotune")
+VARIANTS = ("peft-default", "peft-bf16", "ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-ac2",
+            "ours-mb70", "ours-mb60", "ours-mb50", "ours-mb30", "ours-autotune")
 
 
 @dataclass
@@ -148,7 +149,8 @@ def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float)
     return pm, step
 
 
-def our_parts(model, args, *, compile_: bool, checkpoint: bool, full_ce: bool, mode: str | None = None):
+def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,
+              memory_budget: float | None = None):
     install_slots(model, TARGETS)
     spec = AdapterSpec(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
     adapter, spec = init_adapter(model, spec, seed=0)
@@ -159,9 +161,9 @@ def our_parts(model, args, *, compile_: bool, checkpoint: bool, full_ce: bool, m
 
     adapter = adapter.named_apply(nonzero_b)
     if checkpoint:
-        checkpoint_layers(model)
+        checkpoint_layers(model, every=checkpoint)
     if compile_:
-        compile_layers(model, fullgraph=True, mode=mode)
+        compile_layers(model, fullgraph=True, mode=mode, memory_budget=memory_budget)
     if full_ce:
         def loss_fn(params, batch):
             from wmtp_fn.adapters import apply
@@ -174,8 +176,10 @@ def our_parts(model, args, *, compile_: bool, checkpoint: bool, full_ce: bool, m
     return TensorDict({"lora": adapter}, batch_size=[]), loss_fn
 
 
-def our_step(model, args, batch, *, compile_: bool, checkpoint: bool, full_ce: bool, mode: str | None = None):
-    params, loss_fn = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce, mode=mode)
+def our_step(model, args, batch, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,
+             memory_budget: float | None = None):
+    params, loss_fn = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce, mode=mode,
+                                memory_budget=memory_budget)
     opt_cfg = adamw.AdamWConfig(lr=args.lr, impl="auto")
     state = init_train_state(params, opt_cfg, seed=0)
     step_fn = make_train_step(loss_fn, ntp_count, opt_cfg, ScheduleConfig(kind="constant"))
@@ -266,6 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--no-compile", dest="compile", action="store_false", help="guard: check the eager step instead")
     p.add_argument("--check-ac", action="store_true", help="guard: also activation checkpointing")
+    p.add_argument("--no-guard", dest="guard", action="store_false", help="skip the correctness guard")
     p.add_argument("--profile", default="", help="variant to profile (top kernels by CUDA time)")
     p.add_argument("--trace", default="", help="write a gzipped Chrome trace (CPU+CUDA, 2 steps) of --profile's variant here")
     p.add_argument("--json", default="", help="write the results here")
@@ -290,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     ceiling = gemm_ceiling(device)
     fpt = flops_per_token(cfg, args.seq)
-    guard = check_optimised_against_eager(cfg, state, args, batch, device, dtype)
+    guard = check_optimised_against_eager(cfg, state, args, batch, device, dtype) if args.guard else {"pass": True}
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
           f"shape {args.shape} batch {args.batch}x{args.seq} r={args.rank}; GEMM ceiling {ceiling / 1e12:.0f} TFLOP/s; "
           f"{fpt / 1e9:.2f} GFLOP/token; ideal {ceiling / fpt:,.0f} tok/s")
@@ -309,9 +314,11 @@ def main(argv: list[str] | None = None) -> dict:
         if variant.startswith("peft"):
             model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant == "peft-bf16", lr=args.lr)
         else:
-            step = our_step(model, args, batch, compile_=variant in ("ours", "ours-ac", "ours-autotune"),
-                            checkpoint=variant == "ours-ac", full_ce=variant == "ours-eager-fullce",
-                            mode="max-autotune-no-cudagraphs" if variant == "ours-autotune" else None)
+            step = our_step(model, args, batch, compile_=not variant.startswith("ours-eager"),
+                            checkpoint={"ours-ac": 1, "ours-ac2": 2}.get(variant, 0), full_ce=variant == "ours-eager-fullce",
+                            mode="max-autotune-no-cudagraphs" if variant == "ours-autotune" else None,
+                            # ours-mbNN: the partitioner keeps NN% of the activations it would save
+                            memory_budget=int(variant[7:]) / 100 if variant.startswith("ours-mb") else None)
         times = time_steps(step, device, warmup=args.warmup, repeats=args.repeats, block=args.block)
         syncs = count_host_syncs(step, device)
         loss = float(step().detach())

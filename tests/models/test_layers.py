@@ -82,3 +82,31 @@ def test_checkpointing_after_compiling_is_refused(base):
     compile_layers(base, backend="aot_eager")
     with pytest.raises(ValueError, match="before compile_layers"):
         checkpoint_layers(base)
+
+
+def test_checkpoint_every_other_layer(base):
+    checkpoint_layers(base, every=2)
+    flags = [getattr(layer, "_wmtp_checkpointed", False) for layer in base.model.layers]
+    assert flags == [True, False]
+    with pytest.raises(ValueError, match="every must be >= 1"):
+        checkpoint_layers(base, every=0)
+
+
+def test_memory_budget_compiles_through_the_min_cut_partitioner_and_keeps_gradients(tiny_dir, batch):
+    eager = load_base(tiny_dir)
+    install_slots(eager)
+    budget = load_base(tiny_dir)
+    install_slots(budget)
+    compile_layers(budget, backend="aot_eager_decomp_partition", fullgraph=True, memory_budget=0.3)
+    adapter, spec = init(eager, AdapterSpec(rank=4, alpha=8.0), seed=0)
+    adapter = randomize(adapter, seed=1)
+    torch._dynamo.reset()
+    out_ref, g_ref = grads(eager, adapter, spec, batch)
+    out, g = grads(budget, adapter, spec, batch)
+    torch._dynamo.reset()
+    assert torch._functorch.config.activation_memory_budget == 1.0  # scoped to the layers' calls
+    assert rel_err(out, out_ref) <= 1e-6
+    for k in g_ref:
+        assert rel_err(g[k], g_ref[k]) <= 1e-5, k
+    with pytest.raises(ValueError, match=r"memory_budget must be in \(0, 1\]"):
+        compile_layers(budget, memory_budget=0.0)

@@ -30,29 +30,54 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def compile_layers(model: nn.Module, **compile_kwargs) -> nn.Module:
+def compile_layers(model: nn.Module, *, memory_budget: float | None = None, **compile_kwargs) -> nn.Module:
     """`torch.compile` each decoder layer separately (regional compilation): one graph serves
     every layer, compile time stays small, and adapters bound by `functional_call` are graph
     inputs, so swapping adapters of the same shapes does not recompile.
 
+    memory_budget: in (0, 1], the share of the activations the compiler's partitioner would
+    save for backward that it may keep; below 1 it recomputes the cheapest ones instead (a
+    finer trade than checkpointing whole layers). Applied to these layers only, when they
+    compile. None (or 1): the compiler's default.
+
     On a checkpointed layer only the inner forward is compiled: the re-binding around the
     recomputation stays eager (Dynamo cannot trace buffer swaps inside a checkpoint region).
     """
+    if memory_budget is not None and not 0.0 < memory_budget <= 1.0:
+        raise ValueError(f"compile_layers: memory_budget must be in (0, 1], got {memory_budget}")
     for layer in decoder_layers(model):
         if getattr(layer, "_wmtp_checkpointed", False):
-            layer._wmtp_forward = torch.compile(layer._wmtp_forward, **compile_kwargs)
-        else:
+            layer._wmtp_forward = _within_budget(torch.compile(layer._wmtp_forward, **compile_kwargs), memory_budget)
+        elif memory_budget is None or memory_budget == 1.0:
             layer.compile(**compile_kwargs)
+        else:
+            inner = torch.compile(type(layer).forward.__get__(layer), **compile_kwargs)
+            layer.forward = _within_budget(inner, memory_budget)
     return model
 
 
-def checkpoint_layers(model: nn.Module) -> nn.Module:
-    """Recompute each decoder layer's activations in backward instead of storing them.
+def _within_budget(fn, budget: float | None):
+    """Run `fn` with the partitioner's activation memory budget set (read when it compiles)."""
+    if budget is None or budget == 1.0:
+        return fn
+
+    def call(*args, **kwargs):
+        with torch._functorch.config.patch(activation_memory_budget=budget):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def checkpoint_layers(model: nn.Module, every: int = 1) -> nn.Module:
+    """Recompute decoder layers' activations in backward instead of storing them: every
+    layer (`every=1`), or every `every`-th one (a memory/speed trade-off between none and all).
     Apply before `compile_layers`."""
-    for layer in decoder_layers(model):
+    if every < 1:
+        raise ValueError(f"checkpoint_layers: every must be >= 1, got {every}")
+    for layer in decoder_layers(model)[::every]:
         if getattr(layer, "_wmtp_checkpointed", False):
             continue
-        if getattr(layer, "_compiled_call_impl", None) is not None:
+        if getattr(layer, "_compiled_call_impl", None) is not None or "forward" in vars(layer):
             raise ValueError("checkpoint_layers must be applied before compile_layers")
         layer._wmtp_forward = type(layer).forward.__get__(layer)  # the class's forward, bound
         layer.forward = _checkpointed_forward(layer)

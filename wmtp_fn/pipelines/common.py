@@ -154,7 +154,8 @@ def prepare_base(base: nn.Module, base_cfg: ConfigDict, targets: Sequence[str]) 
     if base_cfg.activation_checkpointing:
         checkpoint_layers(base)
     if base_cfg.compile:
-        compile_layers(base, fullgraph=True)
+        budget = base_cfg.activation_memory_budget
+        compile_layers(base, fullgraph=True, memory_budget=None if budget >= 1.0 else budget)
     return base
 
 
