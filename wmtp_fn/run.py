@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from absl import app, flags
+from absl import app
 from ml_collections import ConfigDict, config_flags
 
 PIPELINES = ("ref_tuning",)

@@ -43,39 +43,34 @@ def test_checkpointing_keeps_names_and_no_grad_path(base, batch):
         apply(base, adapter, spec, **batch)
 
 
-def test_compiled_layers_train_like_eager(tiny_dir, batch):
+def assert_trains_like_eager(tiny_dir, batch, configure, **spec_kw):
+    """Output and adapter gradients of a base prepared by `configure` equal the plain base's."""
     eager = load_base(tiny_dir)
     install_slots(eager)
-    comp = load_base(tiny_dir)
-    install_slots(comp)
-    compile_layers(comp, backend="aot_eager", fullgraph=True)
-    adapter, spec = init(eager, AdapterSpec(rank=4, alpha=8.0), seed=0)
+    other = load_base(tiny_dir)
+    install_slots(other)
+    configure(other)
+    adapter, spec = init(eager, AdapterSpec(rank=4, alpha=8.0, **spec_kw), seed=0)
     adapter = randomize(adapter, seed=1)
     torch._dynamo.reset()
     out_ref, g_ref = grads(eager, adapter, spec, batch)
-    out, g = grads(comp, adapter, spec, batch)
+    out, g = grads(other, adapter, spec, batch)
     torch._dynamo.reset()
     assert rel_err(out, out_ref) <= 1e-6
     for k in g_ref:
         assert rel_err(g[k], g_ref[k]) <= 1e-5, k
+
+
+def test_compiled_layers_train_like_eager(tiny_dir, batch):
+    assert_trains_like_eager(tiny_dir, batch, lambda m: compile_layers(m, backend="aot_eager", fullgraph=True))
 
 
 def test_checkpointed_and_compiled_layers_give_the_same_gradients(tiny_dir, batch):
-    eager = load_base(tiny_dir)
-    install_slots(eager)
-    both = load_base(tiny_dir)
-    install_slots(both)
-    checkpoint_layers(both)
-    compile_layers(both, backend="aot_eager", fullgraph=True)
-    adapter, spec = init(eager, AdapterSpec(rank=4, alpha=8.0, dropout=0.2), seed=0)
-    adapter = randomize(adapter, seed=1)
-    torch._dynamo.reset()
-    out_ref, g_ref = grads(eager, adapter, spec, batch)
-    out, g = grads(both, adapter, spec, batch)
-    torch._dynamo.reset()
-    assert rel_err(out, out_ref) <= 1e-6
-    for k in g_ref:
-        assert rel_err(g[k], g_ref[k]) <= 1e-5, k
+    def configure(m):
+        checkpoint_layers(m)
+        compile_layers(m, backend="aot_eager", fullgraph=True)
+
+    assert_trains_like_eager(tiny_dir, batch, configure, dropout=0.2)
 
 
 def test_checkpointing_after_compiling_is_refused(base):
@@ -93,20 +88,13 @@ def test_checkpoint_every_other_layer(base):
 
 
 def test_memory_budget_compiles_through_the_min_cut_partitioner_and_keeps_gradients(tiny_dir, batch):
-    eager = load_base(tiny_dir)
-    install_slots(eager)
-    budget = load_base(tiny_dir)
-    install_slots(budget)
-    compile_layers(budget, backend="aot_eager_decomp_partition", fullgraph=True, memory_budget=0.3)
-    adapter, spec = init(eager, AdapterSpec(rank=4, alpha=8.0), seed=0)
-    adapter = randomize(adapter, seed=1)
-    torch._dynamo.reset()
-    out_ref, g_ref = grads(eager, adapter, spec, batch)
-    out, g = grads(budget, adapter, spec, batch)
-    torch._dynamo.reset()
+    def configure(m):
+        compile_layers(m, backend="aot_eager_decomp_partition", fullgraph=True, memory_budget=0.3)
+
+    assert_trains_like_eager(tiny_dir, batch, configure)
     assert torch._functorch.config.activation_memory_budget == 1.0  # scoped to the layers' calls
-    assert rel_err(out, out_ref) <= 1e-6
-    for k in g_ref:
-        assert rel_err(g[k], g_ref[k]) <= 1e-5, k
+
+
+def test_bad_memory_budget(base):
     with pytest.raises(ValueError, match=r"memory_budget must be in \(0, 1\]"):
-        compile_layers(budget, memory_budget=0.0)
+        compile_layers(base, memory_budget=0.0)

@@ -55,7 +55,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from wmtp_fn.data.sandbox_driver import descendants, proc_table
+from wmtp_fn.data.sandbox_driver import kill_descendants
 
 Status = Literal["passed", "failed", "timeout", "error"]
 
@@ -243,14 +243,7 @@ def _verdict(f, nonce: str) -> dict | None:
 
 def _kill_tree(pid: int) -> None:
     """Non-root cleanup: SIGKILL ``pid``'s live descendants (it is their subreaper) and group."""
-    for _ in range(100):
-        table = proc_table()
-        live = [p for p in descendants(pid, table) if table[p][1] != "Z"]
-        for p in live:
-            with contextlib.suppress(OSError):
-                os.kill(p, signal.SIGKILL)
-        if not live:
-            break
+    kill_descendants(pid, reap_children=False)
     with contextlib.suppress(OSError):
         os.killpg(pid, signal.SIGKILL)
 

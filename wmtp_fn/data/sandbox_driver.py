@@ -189,8 +189,10 @@ def descendants(root: int, table: dict) -> list:
     return out
 
 
-def kill_descendants(root: int) -> None:
-    """SIGKILL every live descendant of ``root`` until none is left; reap our own children."""
+def kill_descendants(root: int, reap_children: bool = True) -> None:
+    """SIGKILL every live descendant of ``root`` until none is left. ``reap_children``: also
+    reap our own exited children (the driver, a subreaper, must; the host must not, as
+    ``waitpid(-1)`` would steal the exit statuses of its other children)."""
     for _ in range(100):
         table = proc_table()
         live = [p for p in descendants(root, table) if table[p][1] != "Z"]
@@ -199,11 +201,12 @@ def kill_descendants(root: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        try:
-            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+        if reap_children:
+            try:
+                while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                    pass
+            except ChildProcessError:
                 pass
-        except ChildProcessError:
-            pass
         if not live:
             return
 
