@@ -76,6 +76,16 @@ def test_resume_after_three_steps_is_bitwise_identical(tmp_path):
             assert torch.equal(a[group][k], b[group][k]), (group, k)
 
 
+def test_a_finished_run_is_not_trained_again(tmp_path, capsys):
+    overrides = {"train.steps": 2, "train.eval_every": 0, "data.val_n_samples": 2}
+    first = run_config(config(tmp_path, **overrides))
+    mtime = (first.adapter_dir / "params.safetensors").stat().st_mtime_ns
+    again = run_config(config(tmp_path, **overrides))
+    assert "is already complete (2/2 steps" in capsys.readouterr().out
+    assert again.steps == 2 and again.final_val_loss == first.final_val_loss
+    assert (first.adapter_dir / "params.safetensors").stat().st_mtime_ns == mtime
+
+
 def test_changed_config_refuses_to_resume(tmp_path):
     run_config(config(tmp_path, **{"train.steps": 2, "train.eval_every": 0, "lora.rank": 8, "data.val_n_samples": 2}))
     with pytest.raises(ValueError, match=r"another config \(lora.rank: 8 -> 4\)"):

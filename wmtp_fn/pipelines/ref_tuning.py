@@ -62,13 +62,16 @@ def run(config: ConfigDict) -> Result:
         state, cursor, meta = common.restore_train(resume_from, device)
         saved = AdapterSpec.from_dict(meta["adapters"][ADAPTER])
         check_same_base(saved.base_fingerprint, spec.base_fingerprint, what=f"checkpoint {resume_from}")
+        if state.step >= total_steps:
+            print(f"{out_dir} is already complete ({state.step}/{total_steps} steps; adapter in {out_dir / 'adapter'}); "
+                  "raise --config.train.steps to train further")
+            last = meta.get("metrics", {}).get("val_loss")
+            return Result(out_dir, out_dir / "adapter", float("nan"), float("nan") if last is None else last, state.step)
         print(f"resuming {out_dir} from {resume_from.name} (step {state.step})")
     else:
         state = init_train_state(TensorDict({ADAPTER: adapter}, batch_size=[]), opt_cfg, seed=config.seed)
         cursor = Cursor(seed=config.seed)
 
-    if state.step >= total_steps:
-        print(f"{out_dir} is already complete ({state.step}/{total_steps} steps); raise --config.train.steps to continue")
     chunk = config.train.ce_chunk_size
     train_loss = ntp_objective(base, spec, name=ADAPTER, chunk_size=chunk, train=True)
     eval_loss = ntp_objective(base, spec, name=ADAPTER, chunk_size=chunk, train=False)
