@@ -36,6 +36,7 @@ def get_config() -> ConfigDict:
     c.data.tokenizer = ""  # a tokenizer directory; "" = the base's own, or the embedded one
     c.data.use_chat_template = False
     c.data.max_length = 768  # the embedded data: longest record 751 tokens
+    c.data.pad_to_multiple_of = 64  # fewer distinct shapes (compiled layers) and tensor-core friendly
     c.data.too_long = "raise"  # a record whose prompt alone exceeds max_length: "raise" | "skip"
     c.data.n_samples = 0  # training records drawn by difficulty sampling; 0 = every correct one
     c.data.val_n_samples = 500

@@ -154,8 +154,10 @@ def prepare_base(base: nn.Module, base_cfg: ConfigDict, targets: Sequence[str]) 
     if base_cfg.activation_checkpointing:
         checkpoint_layers(base)
     if base_cfg.compile:
+        # Real batches vary in length (and the last of an epoch in size): compile for dynamic
+        # shapes up front instead of recompiling per shape until Dynamo's limit.
         budget = base_cfg.activation_memory_budget
-        compile_layers(base, fullgraph=True, memory_budget=None if budget >= 1.0 else budget)
+        compile_layers(base, fullgraph=True, dynamic=True, memory_budget=None if budget >= 1.0 else budget)
     return base
 
 
@@ -283,7 +285,11 @@ def encoded_batches(
         skipped=skipped,
     )
     return [
-        collate(examples[i : i + micro_batch_size], pad_id=tokenizer.pad_token_id)
+        collate(
+            examples[i : i + micro_batch_size],
+            pad_id=tokenizer.pad_token_id,
+            pad_to_multiple_of=data_cfg.pad_to_multiple_of or None,
+        )
         for i in range(0, len(examples), micro_batch_size)
     ]
 
