@@ -3,13 +3,22 @@ real loading path (`from_pretrained`) instead of in-memory shortcuts."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 
 from wmtp_fn.adapters import install_slots
 from wmtp_fn.models.base import build_base, load_base, tiny_llama_config
 
 VOCAB = 128
+
+# Property tests draw the same examples on every run (CI must not turn red by luck); set
+# HYPOTHESIS_PROFILE=explore locally to search new examples.
+settings.register_profile("repeatable", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("explore", deadline=None, max_examples=200, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -269,5 +269,7 @@ def test_fused_and_foreach_agree(lr, b1, b2, wd, mult, steps, seed):
         out.append((params, state))
     (p1, s1), (p2, s2) = out
     keys = leaf_keys(p1)
-    assert_tree_close(p2, leaves(p1, keys), keys, rtol=1e-6, atol=1e-6)
+    # The fused kernel computes the bias corrections in fp32, the foreach path in fp64: they
+    # differ by ~1 ulp of the step, so the tolerance grows with the distance travelled.
+    assert_tree_close(p2, leaves(p1, keys), keys, rtol=1e-6, atol=1e-6 * (1 + lr * mult * steps))
     assert_tree_close(s2.nu, leaves(s1.nu, keys), keys, rtol=1e-5, atol=1e-9)
