@@ -51,3 +51,16 @@ def test_hidden_states_view_binds_adapters_with_the_base_paths(base, batch):
     bare = build_base(tiny_llama_config(vocab_size=128), kind="model", seed=0)
     view = HiddenStates(bare)
     assert [n for n, _ in view.named_parameters()] == [n for n, _ in bare.named_parameters()]
+
+
+def test_eager_attention_stays_causal_and_equals_llama_model(batch):
+    eager = build_base(tiny_llama_config(vocab_size=128, attn_implementation="eager"), seed=3)
+    ids = batch["input_ids"]
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % 128
+    with torch.no_grad():
+        got = decoder_forward(eager.model, ids)
+        assert torch.equal(got, eager.model(ids).last_hidden_state)
+        later = decoder_forward(eager.model, changed)
+    assert torch.equal(got[:, :-1], later[:, :-1])  # no position sees a later token
+    assert not torch.equal(got[:, -1], later[:, -1])

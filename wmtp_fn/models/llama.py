@@ -17,6 +17,9 @@ from torch import nn
 from transformers import masking_utils
 
 _MASK_TAKES_CACHE_POSITION = "cache_position" in inspect.signature(masking_utils.create_causal_mask).parameters
+# Attention kernels that are causal by themselves when given no mask. Any other implementation
+# (HF's eager or flex attention) needs the causal mask built explicitly, or it attends ahead.
+CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
@@ -30,13 +33,14 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     """Final (normalised) hidden states `[B, T, d]` of a `LlamaModel`-like module.
 
     input_ids: [B, T]; attention_mask: [B, T] or None. Pass None for unpadded or right-padded
-    batches (see `right_padded`); any other mask goes through HF's own mask construction.
+    batches (see `right_padded`); any other mask goes through HF's own mask construction, as
+    does every call with an attention implementation that is not causal by itself.
     """
     hidden = model.embed_tokens(input_ids)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     rope = model.rotary_emb(hidden, positions)
     mask = None
-    if attention_mask is not None:
+    if attention_mask is not None or model.config._attn_implementation not in CAUSAL_WITHOUT_MASK:
         extra = {"cache_position": positions[0]} if _MASK_TAKES_CACHE_POSITION else {}
         mask = masking_utils.create_causal_mask(
             config=model.config,
