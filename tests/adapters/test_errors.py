@@ -111,3 +111,12 @@ def test_peft_import_validates_shapes_against_the_base(adapter, tmp_path):
     install_slots(wider)
     with pytest.raises(ValueError, match=r"down_proj.lora_A' has shape \(4, 176\), but .* expect \(4, 96\)"):
         import_peft(tmp_path, wider)
+
+
+def test_binding_the_whole_trainable_pytree_names_the_stray_leaf(base, adapter, batch):
+    from tensordict import TensorDict
+
+    ad, spec = adapter
+    params = TensorDict({"lora": ad, "value_head": {"weight": torch.zeros(1, 64)}}, batch_size=[])
+    with pytest.raises(KeyError, match=r"'value_head.weight': leaf 'weight' is not a LoRA tensor.*params\['lora'\]"):
+        apply(base, params, spec, **batch)

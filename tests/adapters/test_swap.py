@@ -74,3 +74,16 @@ def test_dropout_is_active_only_in_training(base, batch):
     assert torch.equal(eval1, eval2)
     assert torch.equal(train1, train2)  # randomness comes from the (seeded) global generator
     assert rel_err(train1, eval1) > 1e-3 and rel_err(train1, train3) > 1e-3
+
+
+def test_dropout_statistics_in_bf16():
+    """Drop rate and mean are those of the requested p, also in bf16 (drawn in fp32)."""
+    from wmtp_fn.adapters.slots import lora_delta
+
+    torch.manual_seed(0)
+    x = torch.ones(4096, 64, dtype=torch.bfloat16)
+    eye = torch.eye(64, dtype=torch.bfloat16)
+    h = lora_delta(x, x, eye, None, eye, eye, dropout=torch.tensor(0.1))  # A = B = I: the delta is drop(x)
+    dropped = (h == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.0012  # 2 sigma of 262k draws; bf16 sampling gives 0.1018
+    assert abs(h.float().mean().item() - 1.0) < 0.002  # bf16 rescaling gives 0.9964

@@ -137,7 +137,13 @@ def bind(
     flat = to_flat(adapter)
     groups: dict[str, list[str]] = {leaf: [] for leaf in LEAVES}
     for key in flat:
-        groups[key.rpartition(".")[2]].append(key)
+        leaf = key.rpartition(".")[2]
+        if leaf not in groups:
+            raise KeyError(
+                f"adapter key {key!r}: leaf {leaf!r} is not a LoRA tensor (expected one of {LEAVES}); "
+                "bind one adapter (e.g. params['lora']), not the whole trainable pytree"
+            )
+        groups[leaf].append(key)
     out = {}
     for leaf, keys in groups.items():
         if not keys:
@@ -149,7 +155,7 @@ def bind(
         pieces = joined.to(dtype).split([t.numel() for t in masters])
         out.update({k: piece.view(t.shape) for k, piece, t in zip(keys, pieces, masters)})
     if train and spec.dropout > 0:
-        p = torch.tensor(float(spec.dropout), dtype=dtype, device=_first(out).device)
+        p = torch.tensor(float(spec.dropout), dtype=torch.float32, device=_first(out).device)
         for key in groups["lora_A"]:
             out[key[: -len("lora_A")] + "lora_dropout"] = p
     return out
