@@ -1,6 +1,7 @@
 """The offset index: grouping, difficulty consistency, reads by offset, staleness."""
 
 import json
+import os
 
 import pytest
 
@@ -32,6 +33,7 @@ def test_index_golden(data):
     assert index == {
         "path": str(p),
         "size": p.stat().st_size,
+        "mtime_ns": p.stat().st_mtime_ns,
         "n_records": 4,
         "problems": {
             "a": {"difficulty": 3, "correct_offsets": [o[0], o[4]], "incorrect_offsets": [o[1]]},
@@ -86,3 +88,13 @@ def test_stale_and_subset(data):
     with pytest.raises(DataError) as info:
         check_fresh(index)
     assert str(info.value).startswith(f"{p}: stale index: file is ")
+
+
+def test_same_size_rewrite_is_a_stale_index(data):
+    p, _ = data
+    index = build_index(p)
+    p.write_text(p.read_text())  # same bytes, new version of the file
+    later = index["mtime_ns"] + 10**9  # timestamps can be coarse: make the rewrite visibly later
+    os.utime(p, ns=(later, later))
+    with pytest.raises(DataError, match="stale index: file was modified after the index was built"):
+        check_fresh(index)

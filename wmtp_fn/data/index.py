@@ -2,14 +2,16 @@
 
 The index is built by streaming the file once and is plain JSON-serialisable data::
 
-    {"path": "data.jsonl", "size": 123456, "n_records": 980,
+    {"path": "data.jsonl", "size": 123456, "mtime_ns": 1700000000000000000, "n_records": 980,
      "problems": {"HumanEval/0": {"difficulty": 9,
                                   "correct_offsets": [0],
                                   "incorrect_offsets": [1532, 3101]}, ...}}
 
 Offsets are byte offsets of line starts, in file order. Samplers work on offsets only; records
-are read back with ``read_at`` / ``read_many`` so a large file is never loaded whole. ``size``
-guards against a stale index: reading from a file whose size changed is an error.
+are read back with ``read_at`` / ``read_many`` so a large file is never loaded whole.
+``size`` and ``mtime_ns`` identify the file version: ``check_fresh(index)`` raises if the file
+changed since it was indexed (readers of an index call it before reading; the pipelines do, for
+every batch), so offsets are never applied to another version of the file.
 All records of one problem must agree on ``difficulty``.
 """
 
@@ -32,6 +34,7 @@ class ProblemEntry(TypedDict):
 class Index(TypedDict):
     path: str
     size: int
+    mtime_ns: int
     n_records: int
     problems: dict[str, ProblemEntry]
 
@@ -48,7 +51,8 @@ def build_index(
     """
     check_on_error(on_error, skipped)
     path = os.fspath(path)
-    size = os.path.getsize(path)
+    st = os.stat(path)
+    size, mtime_ns = st.st_size, st.st_mtime_ns
     problems: dict[str, ProblemEntry] = {}
     first_line: dict[str, int] = {}
     n_records = 0
@@ -75,19 +79,22 @@ def build_index(
         key = "correct_offsets" if record.is_correct else "incorrect_offsets"
         entry[key].append(offset)
         n_records += 1
-    if os.path.getsize(path) != size:
+    st = os.stat(path)
+    if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
         raise DataError(path, "file changed while it was being indexed")
-    return Index(path=path, size=size, n_records=n_records, problems=problems)
+    return Index(path=path, size=size, mtime_ns=mtime_ns, n_records=n_records, problems=problems)
 
 
 def check_fresh(index: Index) -> None:
-    """Raise if the indexed file's size changed since the index was built."""
-    size = os.path.getsize(index["path"])
-    if size != index["size"]:
+    """Raise if the indexed file changed (size or modification time) since it was indexed."""
+    st = os.stat(index["path"])
+    if st.st_size != index["size"]:
         raise DataError(
             index["path"],
-            f"stale index: file is {size} bytes, index was built at {index['size']} bytes",
+            f"stale index: file is {st.st_size} bytes, index was built at {index['size']} bytes",
         )
+    if "mtime_ns" in index and st.st_mtime_ns != index["mtime_ns"]:
+        raise DataError(index["path"], "stale index: file was modified after the index was built (same size)")
 
 
 def _read_line_at(f, path: str, offset: int) -> bytes:
@@ -138,4 +145,6 @@ def subset(index: Index, problem_ids: Iterable[str]) -> Index:
             incorrect_offsets=list(e["incorrect_offsets"]),
         )
     n_records = sum(len(e["correct_offsets"]) + len(e["incorrect_offsets"]) for e in problems.values())
-    return Index(path=index["path"], size=index["size"], n_records=n_records, problems=problems)
+    return Index(
+        path=index["path"], size=index["size"], mtime_ns=index["mtime_ns"], n_records=n_records, problems=problems
+    )
