@@ -64,6 +64,7 @@ def get_config() -> ConfigDict:
     c.schedule.kind = "cosine"
     c.schedule.warmup_steps = 10
     c.schedule.min_lr_ratio = 0.1
+    c.schedule.total_steps = 0  # where the decay ends; 0 = train.steps
 
     c.train = ConfigDict()
     c.train.steps = 200

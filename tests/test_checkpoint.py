@@ -145,3 +145,26 @@ def test_a_write_killed_midway_leaves_the_previous_checkpoint_loadable(tmp_path)
     assert list(tmp_path.glob(".step_00000002.tmp-*"))  # the torn write stayed a temporary
     save_step(tmp_path, 3, {"params": {"x": torch.zeros(3)}}, {"step": 3})
     assert not list(tmp_path.glob(".step_*.tmp-*"))  # cleaned up by the next save
+
+
+def test_a_resave_killed_between_its_renames_is_recovered(tmp_path):
+    """Re-saving step 1 (e.g. on Ctrl-C): the old copy is renamed aside, then SIGKILL."""
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from wmtp_fn import checkpoint
+        root = {str(tmp_path)!r}
+        checkpoint.save_step(root, 1, {{"params": {{"x": torch.ones(4)}}}}, {{"step": 1}})
+        real_rename = os.rename
+        def dying_rename(src, dst):
+            real_rename(src, dst)
+            if ".old-" in str(dst):
+                os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint.os.rename = dying_rename
+        checkpoint.save_step(root, 1, {{"params": {{"x": torch.zeros(4)}}}}, {{"step": 1}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert not (tmp_path / "step_00000001").exists()  # the window the crash hit
+    tensors, meta = read_checkpoint(latest(tmp_path))  # readers put the old copy back
+    assert meta["step"] == 1 and torch.equal(tensors["params"]["x"], torch.ones(4))
+    assert not list(tmp_path.glob(".step_00000001.old-*"))

@@ -64,11 +64,29 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
+def recover_dir(final: Path) -> None:
+    """Finish a replacement of `final` that crashed between its two renames (`atomic_dir`):
+    the old, complete copy waits under `.{name}.old-*`; put it back. Leftover old copies of a
+    finished replacement are removed."""
+    final = Path(final)
+    olds = sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda p: p.stat().st_mtime_ns)
+    if not final.exists() and olds:
+        os.rename(olds.pop(), final)
+        fsync_path(final.parent)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(final: Path):
-    """Yield a temporary directory that becomes `final` only if the block completes."""
+    """Yield a temporary directory that becomes `final` only if the block completes.
+
+    Replacing an existing `final` takes two renames (old aside, new in); a crash between them
+    leaves the old copy aside, and `recover_dir` (called here and by every reader) restores it.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(final)
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -107,6 +125,7 @@ def write_checkpoint(
 def read_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
     """Inverse of `write_checkpoint`: (tensor groups, meta)."""
     path = Path(path)
+    recover_dir(path)
     meta_path = path / "meta.json"
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path}: not a checkpoint directory (no meta.json)")
@@ -147,6 +166,7 @@ def latest(root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
+    recover_dir(path)
     if not (path / "meta.json").is_file():
         raise FileNotFoundError(f"{pointer} names {path.name!r}, which is not a complete checkpoint")
     return path

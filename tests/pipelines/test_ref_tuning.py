@@ -117,3 +117,28 @@ def test_unknown_pipeline_is_an_error(tmp_path):
         cfg.pipeline = "nope"
     with pytest.raises(ValueError, match=r"config.pipeline is 'nope'; expected one of \('ref_tuning',\)"):
         run_config(cfg)
+
+
+def test_a_finished_run_that_died_before_exporting_exports_on_rerun(tmp_path):
+    overrides = {"train.steps": 2, "train.eval_every": 0, "data.val_n_samples": 2}
+    first = run_config(config(tmp_path, **overrides))
+    shutil.rmtree(first.adapter_dir)
+    (tmp_path / "adapter.hf_lora.pt").unlink()
+    run_config(config(tmp_path, **overrides))
+    params, _, meta = checkpoint.load_params(first.adapter_dir)
+    assert meta["step"] == 2 and (tmp_path / "adapter.hf_lora.pt").is_file()
+    trained, _ = checkpoint.read_checkpoint(checkpoint.latest(tmp_path / "checkpoints"))
+    for k, v in trained["params"].items():
+        assert torch.equal(to_flat(params)[k], v)
+
+
+def test_training_further_keeps_the_schedule_horizon(tmp_path):
+    base = {"train.eval_every": 0, "data.val_n_samples": 2, "schedule.warmup_steps": 0}
+    run_config(config(tmp_path, **{"train.steps": 2, **base}))
+    with pytest.raises(ValueError, match=r"horizon from step 2 to 4 mid-run.*--config.schedule.total_steps=2"):
+        run_config(config(tmp_path, **{"train.steps": 4, **base}))
+    result = run_config(config(tmp_path, **{"train.steps": 4, "schedule.total_steps": 2, **base}))
+    assert result.steps == 4
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in rows if "lr" in r}
+    assert lr[4] == pytest.approx(5e-3 * 0.1)  # past the horizon: the final rate, not a new decay

@@ -94,3 +94,16 @@ def test_ctrl_c_inside_a_step_keeps_the_last_checkpoint(tmp_path):
 def test_bad_loop_config():
     with pytest.raises(ValueError, match="total_steps must be >= 1"):
         LoopConfig(total_steps=0)
+
+
+def test_ctrl_c_right_after_a_save_does_not_save_again(tmp_path):
+    def next_batch(c):
+        if c == 4:
+            raise KeyboardInterrupt
+        return [c], c + 1
+
+    saves = []
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, LoopConfig(total_steps=10, eval_every=0, save_every=4), fake_step([1.0] * 10),
+            next_batch=next_batch, saves=saves)
+    assert [s[0] for s in saves] == [4]

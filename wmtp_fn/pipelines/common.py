@@ -22,7 +22,7 @@ from wmtp_fn.adapters import AdapterSpec, install_slots
 from wmtp_fn.data.collate import collate
 from wmtp_fn.data.embedded import embedded_dataset_path, embedded_tokenizer_path
 from wmtp_fn.data.encode import encode_many
-from wmtp_fn.data.index import Index, build_index, read_many, subset
+from wmtp_fn.data.index import Index, build_index, check_fresh, read_many, subset
 from wmtp_fn.data.sampling import Cursor, next_batch, sample_by_difficulty
 from wmtp_fn.data.split import split_problems
 from wmtp_fn.models.base import build_base, load_base, tiny_llama_config
@@ -32,8 +32,19 @@ from wmtp_fn.train import adamw
 from wmtp_fn.train import state as train_state
 from wmtp_fn.train.schedule import ScheduleConfig
 
-# Config keys that may change between a run and its resumption (they do not change the math).
-RESUMABLE_CHANGES = ("train.steps", "train.resume", "train.log_every", "train.eval_every", "train.save_every", "train.keep")
+# Config keys that may change between a run and its resumption. They do not change the math,
+# except train.steps, which may grow only while the schedule's horizon stays put (see
+# `schedule_horizon`; the check is separate).
+RESUMABLE_CHANGES = (
+    "train.steps", "schedule.total_steps", "train.resume", "train.log_every", "train.eval_every",
+    "train.save_every", "train.keep",
+)
+
+
+def schedule_horizon(flat: dict[str, Any]) -> int:
+    """The step at which the learning-rate decay ends: `schedule.total_steps`, or `train.steps`
+    when that is 0."""
+    return int(flat.get("schedule.total_steps") or flat["train.steps"])
 
 
 # ----------------------------------------------------------------------------- device, run dir
@@ -94,6 +105,13 @@ def start_run(config: ConfigDict) -> tuple[Path, Path | None]:
             raise ValueError(
                 f"{out_dir} holds a run with another config ({shown}); choose another --config.out_dir "
                 "or use the same settings to resume"
+            )
+        if schedule_horizon(old) != schedule_horizon(new):
+            raise ValueError(
+                f"{out_dir}: resuming with train.steps={new['train.steps']} would move the learning-rate "
+                f"schedule's horizon from step {schedule_horizon(old)} to {schedule_horizon(new)} mid-run; to train "
+                f"further on the old schedule (its final rate from step {schedule_horizon(old)} on), add "
+                f"--config.schedule.total_steps={schedule_horizon(old)}"
             )
     elif config.train.resume not in ("auto", "never"):
         raise ValueError(f"config.train.resume is {config.train.resume!r}; expected 'auto' or 'never'")
@@ -172,7 +190,8 @@ def lora_spec(lora_cfg: ConfigDict) -> AdapterSpec:
     )
 
 
-def optimizer_configs(optim_cfg: ConfigDict, sched_cfg: ConfigDict, total_steps: int) -> tuple[adamw.AdamWConfig, ScheduleConfig]:
+def optimizer_configs(optim_cfg: ConfigDict, sched_cfg: ConfigDict, horizon: int) -> tuple[adamw.AdamWConfig, ScheduleConfig]:
+    """AdamW and schedule configs; `horizon` is `schedule_horizon` of the run's config."""
     multipliers = {"lora_B": float(optim_cfg.loraplus_ratio)} if optim_cfg.loraplus_ratio != 1.0 else {}
     opt = adamw.AdamWConfig(
         lr=float(optim_cfg.lr),
@@ -184,8 +203,8 @@ def optimizer_configs(optim_cfg: ConfigDict, sched_cfg: ConfigDict, total_steps:
     )
     sched = ScheduleConfig(
         kind=sched_cfg.kind,
-        warmup_steps=min(sched_cfg.warmup_steps, max(total_steps - 1, 0)),
-        total_steps=total_steps,
+        warmup_steps=min(sched_cfg.warmup_steps, max(horizon - 1, 0)),
+        total_steps=horizon,
         min_lr_ratio=float(sched_cfg.min_lr_ratio),
     )
     return opt, sched
@@ -231,9 +250,9 @@ def restore_train(path: Path, device: torch.device) -> tuple[train_state.TrainSt
 
 @dataclass(frozen=True)
 class RecordSet:
-    """Sampled records of one JSONL file, read by offset when a batch needs them."""
+    """Sampled records of one indexed JSONL file, read by offset when a batch needs them."""
 
-    path: str
+    index: Index
     offsets: tuple[int, ...]
 
     def __len__(self) -> int:
@@ -258,7 +277,7 @@ def ntp_record_sets(data_cfg: ConfigDict, seed: int) -> tuple[RecordSet, RecordS
         if n == 0:
             raise ValueError(f"{idx['path']}: no records in difficulty bins {bins} to sample from")
         offsets = sample_by_difficulty(idx, n_samples=n, seed=seed, bins=bins, weights=weights, correct_ratio=ratio)
-        return RecordSet(idx["path"], tuple(offsets))
+        return RecordSet(idx, tuple(offsets))
 
     return draw(train_index, data_cfg.n_samples), draw(val_index, data_cfg.val_n_samples)
 
@@ -275,7 +294,8 @@ def encoded_batches(
     records: RecordSet, items: Sequence[int], tokenizer, data_cfg: ConfigDict, *, micro_batch_size: int, skipped: list
 ) -> list[dict[str, torch.Tensor]]:
     """Read, tokenise and collate `items` of `records` into micro-batches (CPU tensors)."""
-    recs = read_many(records.path, [records.offsets[i] for i in items])
+    check_fresh(records.index)  # the offsets belong to the file as it was indexed
+    recs = read_many(records.index["path"], [records.offsets[i] for i in items])
     examples = encode_many(
         recs,
         tokenizer,

@@ -27,6 +27,39 @@ from wmtp_fn.train.step import make_train_step
 ADAPTER = "lora"
 
 
+def export(out_dir: Path, state, cursor: Cursor, spec: AdapterSpec, config: ConfigDict, base_path: str,
+           metrics: dict, *, n_train: int) -> Path:
+    """Write the run's outputs: the adapter (params checkpoint), and the hf_lora / PEFT exports
+    the config asks for. Each is written atomically."""
+    adapter_dir = out_dir / "adapter"
+    flat_cfg = common.flat_config(config)
+    meta = {"config": flat_cfg, "metrics": dict(metrics), "base_model_path": base_path, "step": state.step}
+    checkpoint.save_params(adapter_dir, state.params, {ADAPTER: spec}, meta=meta)
+    if config.export.hf_lora:
+        checkpoint.save_hf_lora(
+            out_dir / "adapter.hf_lora.pt", state.params[ADAPTER], spec, base_model_path=base_path,
+            epoch=cursor.epoch + cursor.position / n_train, train_metrics={"loss": metrics.get("train_loss")},
+            val_metrics={"loss": metrics.get("val_loss")}, config=flat_cfg,
+        )
+    if config.export.peft:
+        with checkpoint.atomic_dir(out_dir / "peft") as tmp:
+            export_peft(state.params[ADAPTER], spec, tmp, base_model_name_or_path=base_path)
+    return adapter_dir
+
+
+def outputs_current(out_dir: Path, config: ConfigDict, step: int) -> bool:
+    """Whether the exports the config asks for exist and hold step `step`."""
+    try:
+        _, meta = checkpoint.read_checkpoint(out_dir / "adapter")
+    except (FileNotFoundError, ValueError):
+        return False
+    return (
+        meta.get("step") == step
+        and (not config.export.hf_lora or (out_dir / "adapter.hf_lora.pt").is_file())
+        and (not config.export.peft or (out_dir / "peft" / "adapter_config.json").is_file())
+    )
+
+
 @dataclass
 class Result:
     out_dir: Path
@@ -55,7 +88,8 @@ def run(config: ConfigDict) -> Result:
     ]
 
     total_steps = config.train.steps
-    opt_cfg, sched_cfg = common.optimizer_configs(config.optim, config.schedule, total_steps)
+    horizon = common.schedule_horizon(common.flat_config(config))
+    opt_cfg, sched_cfg = common.optimizer_configs(config.optim, config.schedule, horizon)
     adapter, spec = init_adapter(base, common.lora_spec(config.lora), seed=config.seed)
     specs = {ADAPTER: spec}
     if resume_from is not None:
@@ -63,9 +97,12 @@ def run(config: ConfigDict) -> Result:
         saved = AdapterSpec.from_dict(meta["adapters"][ADAPTER])
         check_same_base(saved.base_fingerprint, spec.base_fingerprint, what=f"checkpoint {resume_from}")
         if state.step >= total_steps:
+            metrics = meta.get("metrics", {})
+            if not outputs_current(out_dir, config, state.step):  # the run died after its last checkpoint
+                export(out_dir, state, cursor, spec, config, base_path, metrics, n_train=len(train_set))
             print(f"{out_dir} is already complete ({state.step}/{total_steps} steps; adapter in {out_dir / 'adapter'}); "
-                  "raise --config.train.steps to train further")
-            last = meta.get("metrics", {}).get("val_loss")
+                  f"to train further, raise --config.train.steps (and keep --config.schedule.total_steps={horizon})")
+            last = metrics.get("val_loss")
             return Result(out_dir, out_dir / "adapter", float("nan"), float("nan") if last is None else last, state.step)
         print(f"resuming {out_dir} from {resume_from.name} (step {state.step})")
     else:
@@ -115,17 +152,8 @@ def run(config: ConfigDict) -> Result:
     if skipped:
         print(f"warning: {len(skipped)} record(s) skipped as too long, e.g. {skipped[0]}")
 
-    adapter_dir = out_dir / "adapter"
     final = {"val_loss": hist.val_loss[-1][1] if hist.val_loss else None, "train_loss": hist.train_loss[-1][1] if hist.train_loss else None}
-    flat_cfg = common.flat_config(config)
-    checkpoint.save_params(adapter_dir, state.params, specs, meta={"config": flat_cfg, "metrics": final, "base_model_path": base_path, "step": state.step})
-    if config.export.hf_lora:
-        checkpoint.save_hf_lora(
-            out_dir / "adapter.hf_lora.pt", state.params[ADAPTER], spec, base_model_path=base_path,
-            epoch=cursor.epoch + cursor.position / len(train_set), train_metrics={"loss": final["train_loss"]}, val_metrics={"loss": final["val_loss"]}, config=flat_cfg,
-        )
-    if config.export.peft:
-        export_peft(state.params[ADAPTER], spec, out_dir / "peft", base_model_name_or_path=base_path)
+    adapter_dir = export(out_dir, state, cursor, spec, config, base_path, final, n_train=len(train_set))
 
     first = hist.val_loss[0][1] if hist.val_loss else float("nan")
     last = final["val_loss"] if final["val_loss"] is not None else float("nan")

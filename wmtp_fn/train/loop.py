@@ -82,6 +82,7 @@ def fit(
     t_log, tokens_since = time.perf_counter(), 0
     t_start = t_log
     in_step = False
+    saved_step = None  # no second save of a step already on disk (e.g. on Ctrl-C right after one)
     try:
         while state.step < cfg.total_steps:
             micro_batches, next_cursor = next_batch(cursor)
@@ -124,11 +125,12 @@ def fit(
                 _evaluate(evaluate, state, log, hist)
             if last or (cfg.save_every and step % cfg.save_every == 0):
                 save(state, cursor, _info(hist))
+                saved_step = step
     except KeyboardInterrupt:
         bar.close()
         if in_step:
             print("\ninterrupted inside a step: keeping the last saved checkpoint; run again to resume from it")
-        else:
+        elif saved_step != state.step:
             save(state, cursor, _info(hist))
             print(f"\ninterrupted: saved a checkpoint at step {state.step}; run again to resume")
         raise
