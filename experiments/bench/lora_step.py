@@ -52,7 +52,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
 }
-VARIANTS = ("peft-default", "peft-bf16", "ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-ac2",
+VARIANTS = ("peft-default", "peft-bf16", "peft-bf16-compiled", "ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-ac2",
             "ours-mb70", "ours-mb60", "ours-mb50", "ours-mb30", "ours-autotune")
 
 
@@ -132,10 +132,13 @@ def build_model(cfg: LlamaConfig, state: dict[str, torch.Tensor], device, dtype)
     return freeze(model)
 
 
-def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float):
+def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float, compile_: bool = False):
     from peft import LoraConfig, get_peft_model
 
     pm = get_peft_model(model, LoraConfig(**cfg_kwargs), autocast_adapter_dtype=not bf16_adapters)
+    if compile_:  # the same regional compilation as ours: each decoder layer, PEFT's LoRA inside
+        for layer in pm.base_model.model.model.layers:
+            layer.compile()
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda)
 
@@ -312,7 +315,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch._dynamo.reset()
         model = build_model(cfg, state, device, dtype)
         if variant.startswith("peft"):
-            model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant == "peft-bf16", lr=args.lr)
+            model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant.startswith("peft-bf16"), lr=args.lr,
+                                    compile_=variant == "peft-bf16-compiled")
         else:
             step = our_step(model, args, batch, compile_=not variant.startswith("ours-eager"),
                             checkpoint={"ours-ac": 1, "ours-ac2": 2}.get(variant, 0), full_ce=variant == "ours-eager-fullce",
