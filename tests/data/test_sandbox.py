@@ -303,6 +303,34 @@ def test_verdict_cannot_be_forged_without_the_nonce():
     assert (r.status, r.message) == ("failed", "SystemExit: 1")
 
 
+@pytest.mark.parametrize(
+    "program, refusal",
+    [
+        ("import _posixsubprocess\n_posixsubprocess.fork_exec([b'/bin/true'], *[None] * 22)",
+         "running other programs is not allowed (_posixsubprocess.fork_exec)"),
+        ("import sys\ndel sys.modules['_posixsubprocess']\nimport _posixsubprocess",
+         "importing a fresh _posixsubprocess is not allowed"),
+        ("import os\nos.link('/etc/hostname', 'h')", "os.link outside the working directory"),
+        ("import os\nos.symlink('/etc/hostname', 's')", "os.symlink outside the working directory"),
+        ("import os\nos.mkdir('x', dir_fd=os.open('/tmp', os.O_RDONLY))",
+         "os.mkdir outside the working directory"),
+        ("import os\nos.open('x', os.O_WRONLY | os.O_CREAT, dir_fd=os.open('/tmp', os.O_RDONLY))",
+         "writing outside the working directory: 'x'"),
+        ("import os\nos.pidfd_open(os.getppid())", "pidfd of pid"),
+        ("import os, signal\nsignal.pidfd_send_signal(os.open(f'/proc/{os.getppid()}', os.O_RDONLY), 15)",
+         "signalling pid"),
+        ("import os, resource\nresource.prlimit(os.getppid(), resource.RLIMIT_NOFILE, (3, 3))",
+         "changing the limits of pid"),
+    ],
+)
+def test_guard_covers_what_audit_events_miss(program, refusal):
+    """Running programs, signalling and writing through calls that raise no (or an incomplete)
+    audit event: the guard, a second layer, refuses them too."""
+    r = run(program)
+    assert r.status == "failed" and r.message.startswith("PermissionError: sandbox: "), r
+    assert refusal in r.message, r.message
+
+
 # ---------------------------------------------------------------- not root
 
 _UNPRIVILEGED = r"""
