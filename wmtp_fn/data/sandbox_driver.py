@@ -4,25 +4,40 @@
 
 in a fresh working directory that holds ``program.py``. It imports nothing from this package
 (its own directory is kept off ``sys.path``, so the program cannot import our modules).
+``sandbox.py`` explains the isolation model; this is how it is carried out.
 
-Steps, in order:
-1. When started as root (``uid`` in the config): enter a new network namespace (no interfaces
-   up, best effort) and a new mount namespace where every mount but the working directory is
-   read-only (so /tmp, /dev/shm and other world-writable places are closed too), then drop to
-   the unprivileged ``uid``/``gid`` for good: no supplementary groups, ``no_new_privs``, an
-   empty capability bounding set. If the interpreter's own files are not readable by others
-   (e.g. a Python under ``/root``), ``CAP_DAC_READ_SEARCH`` is the one capability kept, so
-   imports still work; it grants reading, never writing, killing or raising limits. In both
-   cases become a child subreaper, so orphaned grandchildren stay in this process's tree where
-   they can be found, killed and reaped.
-2. Resource limits (CPU seconds, address space, file size, processes, open files, no core).
-3. With ``guard``, an audit hook refuses from inside Python: sockets, ctypes, running other
+With ``isolate`` (the host refuses to run without it unless told otherwise), three processes
+take part:
+
+- **D** (this process) enters new namespaces: mount, network (no interface up), PID and, when
+  not root (``user_ns``), a user namespace that maps only our own uid/gid. In the new mount
+  namespace it carries out ``expose`` (an empty tmpfs over a directory the sandbox uid may not
+  enter, e.g. ``/root``, with the interpreter bound back into it), makes the working directory
+  its own mount and remounts every *other* mount read-only.
+  Then it forks C and, when C ends, ends the way the program did (same exit code or same
+  signal), so the host sees the program's fate.
+- **C**, pid 1 of the new PID namespace: mounts a ``/proc`` that shows only the namespace's
+  processes, lowers its privileges for good (root: the unprivileged ``uid``/``gid``; not root:
+  no capability left in the user namespace; both: empty bounding set, ``no_new_privs``), forks
+  P and reaps until P ends. When C ends, the kernel kills every process left in the namespace: nothing the
+  program started outlives the run. C exists because pid 1 ignores signals it has no handler
+  for, even its own SIGSEGV or SIGXCPU, so the program must not be pid 1.
+- **P**, the program's process (steps below).
+
+Without ``isolate`` (``allow_weak_isolation`` where the kernel cannot isolate) this process is
+P itself: as root it only switches to ``uid``; it becomes a child subreaper, so orphaned
+grandchildren stay in its tree where they can be found and killed.
+
+When isolation was asked for but a step fails, the program is not run: the verdict is
+``unavailable`` with the reason, and the host raises SandboxUnavailable.
+
+In P, in order:
+1. Resource limits (CPU seconds, address space, file size, processes, open files, no core).
+2. With ``guard``, an audit hook refuses from inside Python: sockets, ctypes, running other
    programs, signalling processes outside this tree, and writing/deleting/renaming/linking
-   (either end) files outside the working directory; it also replaces the few functions that
-   do this without an audit event (``_posixsubprocess.fork_exec``, pidfds, ``os.open`` with
-   ``dir_fd``). This is defence in depth (Python code can get around it); the OS-level limits
-   above are what contain a hostile program.
-4. Run the program. The verdict goes to an inherited file descriptor as one JSON line tagged
+   files outside the working directory. Python code can get around it; the kernel-level
+   isolation above is what contains a hostile program, the guard is a second layer.
+3. Run the program. The verdict goes to an inherited file descriptor as one JSON line tagged
    with the nonce; forked children never write one. Then kill any remaining descendants and
    ``_exit`` (no atexit handlers or threads of the program run after the verdict).
 
@@ -37,16 +52,19 @@ import resource
 import signal
 import sys
 
-_PR_SET_KEEPCAPS = 8
 _PR_CAPBSET_DROP = 24
 _PR_SET_CHILD_SUBREAPER = 36
 _PR_SET_NO_NEW_PRIVS = 38
-_CLONE_NEWNET = 0x40000000
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL = 47, 4
 _CLONE_NEWNS = 0x00020000
-_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
-# statvfs flag → mount flag that a read-only remount must keep (nosuid, nodev, noexec, atime)
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWPID = 0x20000000
+_CLONE_NEWNET = 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 32, 4096, 16384, 1 << 18
+# statvfs flag → mount flag that a read-only remount must keep (nosuid, nodev, noexec, atime);
+# in a user namespace the kernel refuses a remount that would drop any of them.
 _KEEP_FLAGS = ((2, 2), (4, 4), (8, 8), (1024, 1024), (2048, 2048), (4096, 1 << 21))
-_CAP_DAC_READ_SEARCH = 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
 
@@ -56,10 +74,81 @@ def _libc():
     return ctypes, ctypes.CDLL(None, use_errno=True)
 
 
-def isolate_network() -> bool:
-    """A fresh, empty network namespace (root only); False when the kernel refuses."""
-    _, libc = _libc()
-    return libc.unshare(_CLONE_NEWNET) == 0
+def _call(name: str, *args) -> None:
+    """``libc.name(*args)``; OSError with errno and ``name`` when it fails."""
+    ctypes, libc = _libc()
+    if getattr(libc, name)(*args) != 0:
+        errno = ctypes.get_errno()
+        shown = ", ".join(hex(a) if isinstance(a, int) else repr(a) for a in args)
+        raise OSError(errno, f"{name}({shown}): {os.strerror(errno)}")
+
+
+def _mount(source, target: str, fstype=None, flags: int = 0, data=None) -> None:
+    ctypes, _ = _libc()
+
+    def b(s):
+        return s.encode() if isinstance(s, str) else s
+
+    _call("mount", b(source), b(target), b(fstype), ctypes.c_ulong(flags), b(data))
+
+
+def _prctl(option: int, arg: int, arg2: int = 0) -> None:
+    _call("prctl", option, arg, arg2, 0, 0)
+
+
+# ---------------------------------------------------------------- namespaces (D)
+
+
+def enter_namespaces(user_ns: bool) -> None:
+    """New mount, network and PID namespaces (PID: for our children), plus a user namespace
+    mapping only our own uid/gid when not root. Mounts become private copies, so nothing done
+    here reaches the host."""
+    uid, gid = os.getuid(), os.getgid()
+    flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | (_CLONE_NEWUSER if user_ns else 0)
+    _call("unshare", flags)
+    if user_ns:
+        # Identity map: we stay uid `uid` (not root) inside, so exec can never grant
+        # capabilities back; "deny" is required before an unprivileged gid_map.
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                           ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f:
+                f.write(text)
+    _mount(None, "/", flags=_MS_REC | _MS_PRIVATE)
+
+
+def expose(steps: list) -> None:
+    """Carry out ``steps`` (from ``sandbox.exposure_steps``) in order: ``["hide", DIR]`` covers
+    DIR with an empty tmpfs, ``["bind", PATH]`` binds the original PATH back at its own place,
+    on directories made traversable (0755) in that tmpfs.
+
+    This is how a sandbox uid reaches an interpreter under ``/root`` (mode 0700) without being
+    able to read anything else there: the rest of ``/root`` is simply not in its view.
+    """
+    # Open every bind source before a tmpfs covers it; a bind from /proc/self/fd/N needs no path.
+    fds = {path: os.open(path, os.O_PATH) for kind, path in steps if kind == "bind"}
+    for kind, path in steps:
+        if kind == "hide":
+            if os.path.isdir(path):  # otherwise an outer tmpfs has already replaced it
+                _mount("tmpfs", path, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=64k")
+            continue
+        source = f"/proc/self/fd/{fds[path]}"
+        is_dir = os.path.isdir(source)
+        _make_traversable(path if is_dir else os.path.dirname(path))
+        if not is_dir and not os.path.exists(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))  # a mount point for a file
+        _mount(source, path, flags=_MS_BIND | _MS_REC)
+    for fd in fds.values():
+        os.close(fd)
+
+
+def _make_traversable(directory: str) -> None:
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        os.mkdir(path)
+        os.chmod(path, 0o755)  # not subject to our umask
 
 
 def _unescape_mountinfo(path: str) -> str:
@@ -69,81 +158,83 @@ def _unescape_mountinfo(path: str) -> str:
     return path
 
 
-def read_only_filesystem(workdir: str) -> list:
-    """In a new mount namespace, remount every mount read-only except ``workdir`` (root only).
+def read_only_except(workdir: str) -> None:
+    """Make ``workdir`` its own mount and remount every other mount read-only.
 
-    World-writable places (/tmp, /var/tmp, /dev/shm, ...) are where an unprivileged uid could
-    still write; this closes all of them at once instead of listing them. The host's mounts are
-    untouched (the namespace's mounts are private copies). Returns what could not be done
-    ([] when everything was): a refused namespace (a container without CAP_SYS_ADMIN) leaves
-    file permissions and the guard as the only protection, which the caller reports.
+    World-writable places (/tmp, /var/tmp, /dev/shm, ...) and the user's own files (when not
+    root) are where the program could still write; this closes all of them at once instead of
+    listing them. A mount the program cannot even reach (statvfs refused) is left alone;
+    any other that stays writable is an error: the run must not go on half-isolated.
     """
-    ctypes, libc = _libc()
-    if libc.unshare(_CLONE_NEWNS) != 0:
-        return [f"no mount namespace ({os.strerror(ctypes.get_errno())})"]
-
-    def mount(source, target, flags):
-        if libc.mount(source, target.encode(), None, ctypes.c_ulong(flags), None) != 0:
-            raise OSError(ctypes.get_errno(), f"mount {target}")
-
-    mount(None, "/", _MS_REC | _MS_PRIVATE)
     workdir = os.path.realpath(workdir)
-    mount(workdir.encode(), workdir, _MS_BIND)  # its own mount, which stays writable
+    _mount(workdir, workdir, flags=_MS_BIND)  # its own mount, which stays writable
     with open("/proc/self/mountinfo") as f:
         points = [_unescape_mountinfo(line.split()[4]) for line in f]
-    failed = []
     for point in points:
         if point == workdir:
             continue
         try:
             keep = os.statvfs(point).f_flag
-            flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY
-            for st_flag, ms_flag in _KEEP_FLAGS:
-                if keep & st_flag:
-                    flags |= ms_flag
-            mount(None, point, flags)
-        except OSError:
-            failed.append(f"not read-only: {point}")
+        except (PermissionError, FileNotFoundError):
+            continue  # not reachable by us (by path), hence not by the program either
+        flags = _MS_BIND | _MS_REMOUNT | _MS_RDONLY
+        for st_flag, ms_flag in _KEEP_FLAGS:
+            if keep & st_flag:
+                flags |= ms_flag
+        _mount(None, point, flags=flags)
     os.chdir(workdir)  # the old cwd is the directory under the bind mount, now read-only
-    return failed
 
 
-def drop_privileges(uid: int, gid: int, keep_read: bool) -> None:
-    """Become ``uid``/``gid`` irrevocably; keep only CAP_DAC_READ_SEARCH when ``keep_read``."""
-    ctypes, libc = _libc()
+def mount_proc() -> None:
+    """A /proc of the new PID namespace (read-only): host processes are neither listed nor
+    reachable through it. Must run in the namespace's first process."""
+    _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC | _MS_RDONLY)
 
-    def prctl(option, arg):
-        if libc.prctl(option, arg, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), f"prctl({option}, {arg}) failed")
 
-    last_cap = int(open("/proc/sys/kernel/cap_last_cap").read())
+# ---------------------------------------------------------------- privileges (C, or P when weak)
+
+
+def _drop_bounding_set() -> None:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last_cap = int(f.read())
     for cap in range(last_cap + 1):
-        if not (keep_read and cap == _CAP_DAC_READ_SEARCH):
-            prctl(_PR_CAPBSET_DROP, cap)
-    prctl(_PR_SET_NO_NEW_PRIVS, 1)
-    prctl(_PR_SET_KEEPCAPS, 1 if keep_read else 0)
+        _prctl(_PR_CAPBSET_DROP, cap)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+
+
+def drop_privileges(uid: int, gid: int) -> None:
+    """Root → ``uid``/``gid`` irrevocably, no supplementary groups, no capabilities."""
+    _drop_bounding_set()
     os.setgroups([])
     os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    if keep_read:
-
-        class Header(ctypes.Structure):
-            _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-        class Data(ctypes.Structure):
-            _fields_ = [
-                ("effective", ctypes.c_uint32),
-                ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32),
-            ]
-
-        data = (Data * 2)()
-        data[0].effective = data[0].permitted = 1 << _CAP_DAC_READ_SEARCH
-        if libc.capset(ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)), data) != 0:
-            raise OSError(ctypes.get_errno(), "capset failed")
-        prctl(_PR_SET_KEEPCAPS, 0)
+    os.setresuid(uid, uid, uid)  # from root to non-root: permitted/effective/ambient cleared
     if os.getresuid() != (uid, uid, uid) or os.getresgid() != (gid, gid, gid) or os.getgroups():
         raise RuntimeError("sandbox: privileges were not dropped")
+    _check_no_capabilities()
+
+
+def drop_capabilities() -> None:
+    """In our user namespace: give up every capability (mount, remount, ...) for good."""
+    ctypes, _ = _libc()
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    _drop_bounding_set()
+    _prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    _call("capset", ctypes.byref(Header(_LINUX_CAPABILITY_VERSION_3, 0)), ctypes.byref((Data * 2)()))
+    _check_no_capabilities()
+
+
+def _check_no_capabilities() -> None:
+    with open("/proc/self/status") as f:
+        caps = {k: v.strip() for k, v in (line.split(":", 1) for line in f if line.startswith("Cap"))}
+    if any(int(v, 16) for v in caps.values()):
+        raise RuntimeError(f"sandbox: capabilities left after dropping them: {caps}")
 
 
 def become_subreaper() -> None:
@@ -161,6 +252,9 @@ def set_limits(limits: dict) -> None:
         if hard != resource.RLIM_INFINITY:
             new_hard = min(new_hard, hard)
         resource.setrlimit(which, (soft, new_hard))
+
+
+# ---------------------------------------------------------------- process trees
 
 
 def proc_table() -> dict:
@@ -212,6 +306,22 @@ def kill_descendants(root: int, reap_children: bool = True) -> None:
         if not live:
             return
 
+
+def _exit_like(status: int) -> None:
+    """End this process the way a child with wait status ``status`` ended."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass  # SIGKILL/SIGSTOP: default already
+        os.kill(os.getpid(), sig)
+        os._exit(128 + sig)  # a signal whose default is to be ignored
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+
+# ---------------------------------------------------------------- the guard (P)
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # audit event → (path, dir_fd) argument positions of every path that a write, delete, rename or
@@ -306,7 +416,7 @@ def _replace_unaudited(ours, inside) -> None:
 
 
 def install_guard(workdir: str, main_pid: int) -> None:
-    """The audit hook of step 3 (cannot be removed once added)."""
+    """The audit hook of step 2 (cannot be removed once added)."""
     root = os.path.realpath(workdir)
     realpath, fspath, fsdecode, readlink = os.path.realpath, os.fspath, os.fsdecode, os.readlink
     getpgid, getpid, join = os.getpgid, os.getpid, os.path.join
@@ -379,6 +489,9 @@ def install_guard(workdir: str, main_pid: int) -> None:
     sys.addaudithook(hook)
 
 
+# ---------------------------------------------------------------- the program (P)
+
+
 def describe(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return text if len(text) <= 1000 else text[:997] + "..."
@@ -393,23 +506,17 @@ def run(source: str) -> tuple:
     return "passed", ""
 
 
-def main() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    if sys.path and sys.path[0] in ("", here):
-        del sys.path[0]  # Python < 3.11 ignores PYTHONSAFEPATH: the program must not import us
-    config = json.loads(sys.argv[1])
-    nonce = sys.stdin.readline().strip()
-    devnull = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    if config["uid"] is not None:
-        problems = [] if isolate_network() else ["no network namespace"]
-        problems += read_only_filesystem(os.getcwd())
-        if problems:  # weaker isolation is said, not hidden: it shows in the result's stderr
-            sys.stderr.write(f"sandbox: isolation incomplete: {problems}\n")
-        drop_privileges(config["uid"], config["gid"], config["keep_read"])
-    become_subreaper()
-    set_limits(config["limits"])
+def _write_verdict(config: dict, nonce: str, status: str, message: str) -> None:
+    line = json.dumps({"nonce": nonce, "status": status, "message": message}) + "\n"
+    os.write(config["verdict_fd"], line.encode("utf-8"))
+
+
+def run_program(config: dict, nonce: str, helpers: int) -> None:
+    """P: limits, guard, the program, the verdict; never returns. ``helpers``: processes of
+    the sandbox itself (D, C) that RLIMIT_NPROC counts besides the program's own."""
+    limits = dict(config["limits"])
+    limits["RLIMIT_NPROC"] += helpers
+    set_limits(limits)
     # Past the file-size limit a write should raise OSError (a failure), not kill the process.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     with open("program.py", encoding="utf-8") as f:
@@ -432,6 +539,115 @@ def main() -> None:
     write(verdict_fd, line.encode("utf-8"))
     kill_descendants(main_pid)
     exit_(0)
+
+
+# ---------------------------------------------------------------- the three processes
+
+
+def _as_child(function, *args) -> None:
+    """Run ``function`` in a just-forked child; whatever happens, the child never returns into
+    its parent's code."""
+    try:
+        function(*args)
+    except BaseException:  # noqa: BLE001 - shown, then the child ends below
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(1)
+
+
+def refuse(config: dict, nonce: str, step: str, exc: BaseException) -> None:
+    """Isolation failed: say why on the verdict channel and end without running the program."""
+    _write_verdict(config, nonce, "unavailable", f"{step}: {describe(exc)}")
+    os._exit(0)
+
+
+def init_process(config: dict, nonce: str, report_fd: int) -> None:
+    """C, pid 1 of the namespace: /proc, privileges, fork P, reap; report P's wait status."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        mount_proc()
+        if config["user_ns"]:
+            drop_capabilities()
+        else:
+            drop_privileges(config["uid"], config["gid"])
+    except (OSError, RuntimeError) as e:
+        refuse(config, nonce, "lowering privileges", e)
+    program = os.fork()
+    if program == 0:
+        os.close(report_fd)
+        _as_child(run_program, config, nonce, 2 if config["user_ns"] else 1)
+    while True:  # as pid 1 we also reap whatever the program orphaned
+        pid, status = os.waitpid(-1, 0)
+        if pid == program:
+            break
+    os.write(report_fd, str(status).encode())
+    os._exit(0)  # the kernel now kills everything left in the namespace
+
+
+def isolated(config: dict, nonce: str) -> None:
+    """D: namespaces and mounts, then C; end like the program did. Never returns."""
+    try:
+        enter_namespaces(config["user_ns"])
+        expose(config["expose"])
+        read_only_except(os.getcwd())
+    except (OSError, RuntimeError) as e:
+        refuse(config, nonce, "isolating", e)
+    read_end, write_end = os.pipe()
+    init = os.fork()
+    if init == 0:
+        os.close(read_end)
+        _as_child(init_process, config, nonce, write_end)
+    os.close(write_end)
+    _, status = os.waitpid(init, 0)
+    report = os.read(read_end, 64)
+    _exit_like(int(report) if report else status)
+
+
+def weak(config: dict, nonce: str) -> None:
+    """No namespaces (``allow_weak_isolation``): root switches uid; rlimits and the guard."""
+    if config["uid"] is not None:
+        drop_privileges(config["uid"], config["gid"])
+    become_subreaper()
+    run_program(config, nonce, helpers=0)
+
+
+def probe(user_ns: bool) -> None:
+    """Can this kernel give us the namespaces and a /proc of our own? Exit
+    0 if so, else 1 with the reason on stderr. Nothing outside this short-lived tree changes."""
+    kind = "user, mount, network and PID" if user_ns else "mount, network and PID"
+    try:
+        enter_namespaces(user_ns)
+    except OSError as e:
+        sys.stderr.write(f"no {kind} namespaces ({describe(e)})\n")
+        os._exit(1)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            mount_proc()
+        except OSError as e:
+            sys.stderr.write(f"no /proc of a new PID namespace ({describe(e)})\n")
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    os._exit(0 if status == 0 else 1)
+
+
+def main() -> None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and sys.path[0] in ("", here):
+        del sys.path[0]  # Python < 3.11 ignores PYTHONSAFEPATH: the program must not import us
+    config = json.loads(sys.argv[1])
+    if config.get("probe"):
+        probe(config["user_ns"])
+    nonce = sys.stdin.readline().strip()
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    if config["isolate"]:
+        isolated(config, nonce)
+    weak(config, nonce)
 
 
 if __name__ == "__main__":
