@@ -11,8 +11,9 @@ Used two ways:
 
 Every attack targets the host: a file it owns outside the working directory (``victim``), a
 file to be created next to it (``marker``), its pid (signals, limits, /proc), its environment
-(``SECRET``) and a TCP socket. After each run ``Host.breaches`` says what, if anything, got
-through.
+(``SECRET``), a TCP socket and unix sockets anyone may use (like a session bus). After each run
+``Host.breaches`` says what, if anything, got through (a program that gained something the
+host cannot observe, such as a vsock socket, says so with a ``BREACH`` line).
 """
 
 import json
@@ -100,21 +101,48 @@ _ATTACKS = {
         import os, signal
         os.kill(-1, signal.SIGKILL)
     """,
+    # A read-only mount does not stop connect() to a socket file, nor writing to a device node;
+    # AF_VSOCK (to the hypervisor) ignores network namespaces.
+    "unix_socket_host": """
+        import socket
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({unix_stream!r})
+        s.sendall(b'hello host service')
+    """,
+    "unix_dgram_host": """
+        import socket
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        a.sendto(b'hello host service', {unix_dgram!r})
+    """,
+    "vsock": """
+        import socket
+        socket.socket(40, socket.SOCK_STREAM)  # AF_VSOCK
+        print('BREACH: made an AF_VSOCK socket')
+    """,
+    "host_devices": """
+        import os
+        extra = set(os.listdir('/dev')) - {{'null', 'zero', 'full', 'random', 'urandom', 'fd',
+                                            'stdin', 'stdout', 'stderr'}}
+        print('BREACH: host devices visible:', sorted(extra)) if extra else None
+    """,
 }
 
 # Attacks that only the kernel layer stops: with weak isolation (guard alone) they are the
 # documented gaps, or (kill_all without the guard) would kill the test run itself.
-KERNEL_ONLY = {"read_host_environ"}
+KERNEL_ONLY = {"read_host_environ", "host_devices"}
 
 
-def attacks(victim_dir: str, host: int, port: int) -> dict:
-    """The attack programs, aimed at ``victim_dir`` (holding victim.txt), ``host`` and ``port``."""
+def attacks(victim_dir: str, host: int, port: int, socket_dir: str = "/nonexistent") -> dict:
+    """The attack programs, aimed at ``victim_dir`` (holding victim.txt), ``host``, ``port`` and
+    the unix sockets in ``socket_dir``."""
     values = {
         "victim": os.path.join(victim_dir, "victim.txt"),
         "victim_dir": victim_dir,
         "marker": os.path.join(victim_dir, "marker"),
         "host": host,
         "port": port,
+        "unix_stream": os.path.join(socket_dir, "stream.sock"),
+        "unix_dgram": os.path.join(socket_dir, "dgram.sock"),
     }
     return {name: textwrap.dedent(src).format(**values) for name, src in _ATTACKS.items()}
 
@@ -122,15 +150,24 @@ def attacks(victim_dir: str, host: int, port: int) -> dict:
 class Host:
     """The host-side state attacks aim at, and what became of it."""
 
-    def __init__(self, victim_dir: str):
+    def __init__(self, victim_dir: str, socket_dir: str):
         self.victim_dir = victim_dir
         self.victim = os.path.join(victim_dir, "victim.txt")
         self.reset()
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(1)
-        self.listener.setblocking(False)
         self.port = self.listener.getsockname()[1]
+        # host services on unix sockets anyone may connect to (like a session bus)
+        self.unix_stream = socket.socket(socket.AF_UNIX)
+        self.unix_stream.bind(os.path.join(socket_dir, "stream.sock"))
+        self.unix_stream.listen(1)
+        self.unix_dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.unix_dgram.bind(os.path.join(socket_dir, "dgram.sock"))
+        for sock in (self.listener, self.unix_stream, self.unix_dgram):
+            sock.setblocking(False)
+        for name in ("stream.sock", "dgram.sock"):
+            os.chmod(os.path.join(socket_dir, name), 0o777)
         self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
         self._old_handler = signal.signal(signal.SIGTERM, lambda sig, frame: self.signals.append(sig))
 
@@ -151,7 +188,8 @@ class Host:
 
     def close(self):
         signal.signal(signal.SIGTERM, self._old_handler)
-        self.listener.close()
+        for sock in (self.listener, self.unix_stream, self.unix_dgram):
+            sock.close()
 
     def breaches(self, result) -> list[str]:
         """What got through, judged from the host's side after a run."""
@@ -167,11 +205,14 @@ class Host:
             out.append(f"host signalled: {self.signals}")
         if resource.getrlimit(resource.RLIMIT_NOFILE) != self.nofile:
             out.append("host limits changed")
-        try:
-            self.listener.accept()
-            out.append("host's TCP socket was reached")
-        except BlockingIOError:
-            pass
+        for name, receive in (("TCP", self.listener.accept), ("unix stream", self.unix_stream.accept),
+                              ("unix datagram", lambda: self.unix_dgram.recv(100))):
+            try:
+                receive()
+                out.append(f"host's {name} socket was reached")
+            except BlockingIOError:
+                pass
+        out += [line for line in result.stdout.splitlines() if line.startswith("BREACH")]
         if SECRET in result.stdout or SECRET in result.stderr:
             out.append("host environment leaked")
         left = sandbox_processes()
@@ -205,11 +246,13 @@ def run_attacks(run_program, limits, guards, names=None, **kwargs) -> dict:
     ``{"name/guard": {"status", "message", "stdout", "breaches"}}``."""
     results = {}
     victim_dir = tempfile.mkdtemp(prefix="wmtp_sandbox_victim_")
-    os.chmod(victim_dir, 0o777)  # as root: only the mounts, not file permissions, keep it safe
+    socket_dir = tempfile.mkdtemp(prefix="wmtp_sandbox_sockets_")
+    for directory in (victim_dir, socket_dir):
+        os.chmod(directory, 0o777)  # as root: only the mounts, not file permissions, keep it safe
     try:
-        host = Host(victim_dir)
+        host = Host(victim_dir, socket_dir)
         try:
-            programs = attacks(victim_dir, os.getpid(), host.port)
+            programs = attacks(victim_dir, os.getpid(), host.port, socket_dir)
             for name in names or programs:
                 for guard in guards:
                     r = run_program(programs[name], limits=limits, guard=guard, **kwargs)
@@ -221,9 +264,10 @@ def run_attacks(run_program, limits, guards, names=None, **kwargs) -> dict:
         finally:
             host.close()
     finally:
-        for entry in os.listdir(victim_dir):
-            os.unlink(os.path.join(victim_dir, entry))
-        os.rmdir(victim_dir)
+        for directory in (victim_dir, socket_dir):
+            for entry in os.listdir(directory):
+                os.unlink(os.path.join(directory, entry))
+            os.rmdir(directory)
     return results
 
 

@@ -14,8 +14,12 @@ Isolation model
   kills whatever is left inside (fork bombs, ``setsid`` escapes, programs it exec'd).
 - *Files.* In its own mount namespace every mount but the working directory is read-only:
   /tmp, /dev/shm, the host user's files; links and renames out of the working directory fail
-  across the mount boundary.
-- *Network.* A network namespace with no interface up, not even loopback.
+  across the mount boundary. /dev holds only null, zero, full, random and urandom (a
+  read-only mount does not stop writing to a device node).
+- *Network.* A network namespace with no interface up, not even loopback. A seccomp filter
+  refuses sockets of any family but INET/INET6 (a unix socket file on a read-only mount can
+  still be connected to, e.g. a session bus; AF_VSOCK reaches the hypervisor regardless of
+  namespaces), datagram socketpairs, io_uring and the keyring calls.
 - *Privileges.* No capability (bounding set empty) and ``no_new_privs``. **As root**: each
   concurrent run gets its own unprivileged uid/gid from a pool (``uid_base + slot``,
   cross-process ``flock`` per slot, uids that exist in ``/etc/passwd`` are never used), with
@@ -52,7 +56,7 @@ safe for hostile code. Isolation that fails at run time is never half-used: the 
 **Best effort / not promised**: what a program may *read* follows file permissions (as root:
 world-readable files; not root: everything the host user can read). Disk use in the working
 directory is bounded per file, not in total. The kernel itself is attack surface (no syscall
-filter). The verdict is reported by the same process that runs the
+filter beyond the one above). The verdict is reported by the same process that runs the
 program, tagged with a nonce the program never sees on any channel, so printing or writing a
 fake verdict does not work; but code that digs through the driver's own frames can still fake
 a pass. The sandbox contains what a program can do to the host; it does not make a

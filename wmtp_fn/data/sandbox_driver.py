@@ -12,14 +12,15 @@ take part:
 - **D** (this process) enters new namespaces: mount, network (no interface up), PID and, when
   not root (``user_ns``), a user namespace that maps only our own uid/gid. In the new mount
   namespace it carries out ``expose`` (an empty tmpfs over a directory the sandbox uid may not
-  enter, e.g. ``/root``, with the interpreter bound back into it), makes the working directory
-  its own mount and remounts every *other* mount read-only.
+  enter, e.g. ``/root``, with the interpreter bound back into it), replaces /dev by a minimal
+  one, makes the working directory its own mount and remounts every *other* mount read-only.
   Then it forks C and, when C ends, ends the way the program did (same exit code or same
   signal), so the host sees the program's fate.
 - **C**, pid 1 of the new PID namespace: mounts a ``/proc`` that shows only the namespace's
   processes, lowers its privileges for good (root: the unprivileged ``uid``/``gid``; not root:
-  no capability left in the user namespace; both: empty bounding set, ``no_new_privs``), forks
-  P and reaps until P ends. When C ends, the kernel kills every process left in the namespace: nothing the
+  no capability left in the user namespace; both: empty bounding set, ``no_new_privs``), loads
+  a seccomp filter (no unix/vsock/... sockets, io_uring or keyrings), forks P and reaps until
+  P ends. When C ends, the kernel kills every process left in the namespace: nothing the
   program started outlives the run. C exists because pid 1 ignores signals it has no handler
   for, even its own SIGSEGV or SIGXCPU, so the program must not be pid 1.
 - **P**, the program's process (steps below).
@@ -141,6 +142,25 @@ def expose(steps: list) -> None:
         os.close(fd)
 
 
+_DEV_NODES = ("null", "zero", "full", "random", "urandom")
+
+
+def minimal_dev() -> None:
+    """Replace /dev by a tmpfs holding only null, zero, full, random and urandom (bound from
+    the real ones) and the fd/stdin/stdout/stderr links. A read-only mount does not stop
+    writing to a device node, so the host's terminals, cameras, /dev/kvm, ... must not be
+    there at all."""
+    fds = {name: os.open(f"/dev/{name}", os.O_PATH) for name in _DEV_NODES}
+    _mount("tmpfs", "/dev", "tmpfs", _MS_NOSUID | _MS_NOEXEC, "mode=0755,size=64k")
+    for name, fd in fds.items():
+        os.close(os.open(f"/dev/{name}", os.O_WRONLY | os.O_CREAT, 0o644))  # a mount point
+        _mount(f"/proc/self/fd/{fd}", f"/dev/{name}", flags=_MS_BIND)
+        os.close(fd)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"/dev/{name}")
+
+
 def _make_traversable(directory: str) -> None:
     missing = []
     while not os.path.isdir(directory):
@@ -235,6 +255,86 @@ def _check_no_capabilities() -> None:
         caps = {k: v.strip() for k, v in (line.split(":", 1) for line in f if line.startswith("Cap"))}
     if any(int(v, 16) for v in caps.values()):
         raise RuntimeError(f"sandbox: capabilities left after dropping them: {caps}")
+
+
+# seccomp: audit arch → syscall numbers (x32 flag: x86_64 must also refuse the x32 ABI's aliases)
+_SECCOMP_ARCHES = {
+    "x86_64": (0xC000003E, True, {"socket": 41, "socketpair": 53, "io_uring_setup": 425,
+                                  "add_key": 248, "request_key": 249, "keyctl": 250}),
+    "aarch64": (0xC00000B7, False, {"socket": 198, "socketpair": 199, "io_uring_setup": 425,
+                                    "add_key": 217, "request_key": 218, "keyctl": 219}),
+}
+_AF_UNIX, _AF_INET, _AF_INET6 = 1, 2, 10
+_SOCK_STREAM, _SOCK_SEQPACKET = 1, 5
+_RET_ALLOW, _RET_EACCES = 0x7FFF0000, 0x00050000 | 13
+_LD_ABS, _JEQ, _JGE, _AND, _RET = 0x20, 0x15, 0x35, 0x54, 0x06
+
+
+def _assemble(program: list) -> list:
+    """Classic BPF with labels: ``("label", name)`` entries, and jump targets given by name."""
+    where, pos = {}, 0
+    for ins in program:
+        if ins[0] == "label":
+            where[ins[1]] = pos
+        else:
+            pos += 1
+    out = []
+    for ins in program:
+        if ins[0] == "label":
+            continue
+        code, jt, jf, k = ins
+        here = len(out)
+        jt = where[jt] - here - 1 if isinstance(jt, str) else jt
+        jf = where[jf] - here - 1 if isinstance(jf, str) else jf
+        out.append((code, jt, jf, k))
+    return out
+
+
+def seccomp_program(machine: str) -> list:
+    """The filter: sockets only of the families the empty network namespace already confines
+    (INET, INET6); socketpairs only connected (stream, seqpacket: a datagram one could send to
+    any path); no io_uring (it makes sockets too) and no keyrings (the session keyring is the
+    host's). A read-only mount does not stop connect() to a unix socket file, and AF_VSOCK is
+    not network-namespaced: without this a program could talk to host services."""
+    arch, x32, nr = _SECCOMP_ARCHES[machine]
+    arg = [16 + 8 * i for i in range(6)]  # low 32 bits of args[i] (little-endian)
+    program = [(_LD_ABS, 0, 0, 4), (_JEQ, 0, "deny", arch), (_LD_ABS, 0, 0, 0)]
+    if x32:
+        program.append((_JGE, "deny", 0, 0x40000000))
+    program += [(_JEQ, "socket", 0, nr["socket"]), (_JEQ, "socketpair", 0, nr["socketpair"])]
+    program += [(_JEQ, "deny", 0, nr[name]) for name in ("io_uring_setup", "add_key", "request_key", "keyctl")]
+    program += [
+        (_RET, 0, 0, _RET_ALLOW),
+        ("label", "socket"), (_LD_ABS, 0, 0, arg[0]),
+        (_JEQ, "allow", 0, _AF_INET), (_JEQ, "allow", "deny", _AF_INET6),
+        ("label", "socketpair"), (_LD_ABS, 0, 0, arg[0]), (_JEQ, 0, "deny", _AF_UNIX),
+        (_LD_ABS, 0, 0, arg[1]), (_AND, 0, 0, 0xF),
+        (_JEQ, "allow", 0, _SOCK_STREAM), (_JEQ, "allow", "deny", _SOCK_SEQPACKET),
+        ("label", "allow"), (_RET, 0, 0, _RET_ALLOW),
+        ("label", "deny"), (_RET, 0, 0, _RET_EACCES),
+    ]
+    return _assemble(program)
+
+
+def install_seccomp() -> None:
+    """Load :func:`seccomp_program` for this process and its descendants (needs no_new_privs)."""
+    ctypes, _ = _libc()
+    machine = os.uname().machine
+    if machine not in _SECCOMP_ARCHES:
+        raise OSError(0, f"no seccomp filter for the {machine} architecture")
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8),
+                    ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter))]
+
+    program = seccomp_program(machine)
+    filters = (Filter * len(program))(*[Filter(*ins) for ins in program])
+    _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+    _call("prctl", _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER,
+          ctypes.byref(Program(len(program), filters)), 0, 0)
 
 
 def become_subreaper() -> None:
@@ -572,6 +672,7 @@ def init_process(config: dict, nonce: str, report_fd: int) -> None:
             drop_capabilities()
         else:
             drop_privileges(config["uid"], config["gid"])
+        install_seccomp()
     except (OSError, RuntimeError) as e:
         refuse(config, nonce, "lowering privileges", e)
     program = os.fork()
@@ -591,6 +692,7 @@ def isolated(config: dict, nonce: str) -> None:
     try:
         enter_namespaces(config["user_ns"])
         expose(config["expose"])
+        minimal_dev()
         read_only_except(os.getcwd())
     except (OSError, RuntimeError) as e:
         refuse(config, nonce, "isolating", e)
@@ -614,7 +716,7 @@ def weak(config: dict, nonce: str) -> None:
 
 
 def probe(user_ns: bool) -> None:
-    """Can this kernel give us the namespaces and a /proc of our own? Exit
+    """Can this kernel give us the namespaces, a /proc of our own and the seccomp filter? Exit
     0 if so, else 1 with the reason on stderr. Nothing outside this short-lived tree changes."""
     kind = "user, mount, network and PID" if user_ns else "mount, network and PID"
     try:
@@ -624,10 +726,14 @@ def probe(user_ns: bool) -> None:
         os._exit(1)
     pid = os.fork()
     if pid == 0:
+        step = "no /proc of a new PID namespace"
         try:
             mount_proc()
+            step = "no seccomp filter"
+            _prctl(_PR_SET_NO_NEW_PRIVS, 1)
+            install_seccomp()
         except OSError as e:
-            sys.stderr.write(f"no /proc of a new PID namespace ({describe(e)})\n")
+            sys.stderr.write(f"{step} ({describe(e)})\n")
             os._exit(1)
         os._exit(0)
     _, status = os.waitpid(pid, 0)
