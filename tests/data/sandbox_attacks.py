@@ -1,0 +1,347 @@
+"""Hostile programs for test_sandbox.py, and the checks that they were contained.
+
+Used two ways:
+
+- imported (by path) by test_sandbox.py, whose pytest process is then the host;
+- run as a script, ``python sandbox_attacks.py``, to attack from an *unprivileged* host. Started
+  as root (how the suite runs here and in CI), it first sets up a private mount namespace in
+  which user ``nobody`` can run our interpreter (which lives under /root, mode 0700) the way a
+  user's own Python installation would be readable by that user, then becomes ``nobody`` with
+  no capabilities at all and re-executes itself. It prints one JSON object.
+
+Every attack targets the host: a file it owns outside the working directory (``victim``), a
+file to be created next to it (``marker``), its pid (signals, limits, /proc), its environment
+(``SECRET``), a TCP socket and unix sockets anyone may use (like a session bus). After each run
+``Host.breaches`` says what, if anything, got through (a program that gained something the
+host cannot observe, such as a vsock socket, says so with a ``BREACH`` line).
+"""
+
+import json
+import os
+import resource
+import signal
+import socket
+import sys
+import tempfile
+import textwrap
+import types
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+SECRET = "wmtp-sandbox-test-secret-6f1d"
+NOBODY = 65534
+
+# {victim}, {victim_dir}, {marker}, {host}, {port} are filled in by attacks().
+_ATTACKS = {
+    # The reviewer's reproductions: a shell through the unaudited _posixsubprocess (3.11's
+    # fork_exec signature), a hard link to an outside file, a pidfd to the parent.
+    "fork_exec_shell": """
+        import _posixsubprocess, os
+        r, w = os.pipe()
+        cmd = b'id; echo OWNED > {victim}; touch {marker}; kill -TERM {host}'
+        pid = _posixsubprocess.fork_exec(
+            [b'/bin/sh', b'-c', cmd], [b'/bin/sh'], True, (), None, None, -1, -1, -1, -1, -1, -1,
+            r, w, True, False, 0, None, None, None, -1, None, False)
+        print(os.waitpid(pid, 0), flush=True)
+    """,
+    "hardlink_write": """
+        import os
+        os.link({victim!r}, 'h')
+        open('h', 'w').write('OVERWRITTEN BY SANDBOX')
+    """,
+    "pidfd_kill_parent": """
+        import os, signal
+        signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGTERM)
+    """,
+    # Variations on them.
+    "pidfd_kill_host": """
+        import os, signal
+        signal.pidfd_send_signal(os.pidfd_open({host}), signal.SIGTERM)
+    """,
+    "proc_dir_kill_host": """
+        import os, signal
+        signal.pidfd_send_signal(os.open('/proc/{host}', os.O_RDONLY | os.O_DIRECTORY), signal.SIGTERM)
+    """,
+    "kill_host": """
+        import os, signal
+        os.kill({host}, signal.SIGTERM)
+    """,
+    "prlimit_host": """
+        import resource
+        resource.prlimit({host}, resource.RLIMIT_NOFILE, (3, 3))
+    """,
+    "symlink_write": """
+        import os
+        os.symlink({victim!r}, 's')
+        open('s', 'w').write('OVERWRITTEN BY SANDBOX')
+    """,
+    "rename_into_workdir": """
+        import os
+        os.rename({victim!r}, 'stolen')
+    """,
+    "dir_fd_write": """
+        import os
+        d = os.open({victim_dir!r}, os.O_RDONLY | os.O_DIRECTORY)
+        os.write(os.open('victim.txt', os.O_WRONLY | os.O_TRUNC, dir_fd=d), b'OVERWRITTEN')
+    """,
+    "write_direct": """
+        open({victim!r}, 'w').write('OVERWRITTEN BY SANDBOX')
+    """,
+    "create_marker": """
+        open({marker!r}, 'w').write('x')
+    """,
+    "read_host_environ": """
+        print(open('/proc/{host}/environ').read())
+    """,
+    "network": """
+        import socket
+        socket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'exfiltrate')
+    """,
+    "kill_all": """
+        import os, signal
+        os.kill(-1, signal.SIGKILL)
+    """,
+    # A read-only mount does not stop connect() to a socket file, nor writing to a device node;
+    # AF_VSOCK (to the hypervisor) ignores network namespaces.
+    "unix_socket_host": """
+        import socket
+        s = socket.socket(socket.AF_UNIX)
+        s.connect({unix_stream!r})
+        s.sendall(b'hello host service')
+    """,
+    "unix_dgram_host": """
+        import socket
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        a.sendto(b'hello host service', {unix_dgram!r})
+    """,
+    "vsock": """
+        import socket
+        socket.socket(40, socket.SOCK_STREAM)  # AF_VSOCK
+        print('BREACH: made an AF_VSOCK socket')
+    """,
+    "host_devices": """
+        import os
+        extra = set(os.listdir('/dev')) - {{'null', 'zero', 'full', 'random', 'urandom', 'fd',
+                                            'stdin', 'stdout', 'stderr'}}
+        print('BREACH: host devices visible:', sorted(extra)) if extra else None
+    """,
+}
+
+# Attacks that only the kernel layer stops: with weak isolation (guard alone) they are the
+# documented gaps, or (kill_all without the guard) would kill the test run itself.
+KERNEL_ONLY = {"read_host_environ", "host_devices"}
+
+
+def attacks(victim_dir: str, host: int, port: int, socket_dir: str = "/nonexistent") -> dict:
+    """The attack programs, aimed at ``victim_dir`` (holding victim.txt), ``host``, ``port`` and
+    the unix sockets in ``socket_dir``."""
+    values = {
+        "victim": os.path.join(victim_dir, "victim.txt"),
+        "victim_dir": victim_dir,
+        "marker": os.path.join(victim_dir, "marker"),
+        "host": host,
+        "port": port,
+        "unix_stream": os.path.join(socket_dir, "stream.sock"),
+        "unix_dgram": os.path.join(socket_dir, "dgram.sock"),
+    }
+    return {name: textwrap.dedent(src).format(**values) for name, src in _ATTACKS.items()}
+
+
+class Host:
+    """The host-side state attacks aim at, and what became of it."""
+
+    def __init__(self, victim_dir: str, socket_dir: str):
+        self.victim_dir = victim_dir
+        self.victim = os.path.join(victim_dir, "victim.txt")
+        self.reset()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        # host services on unix sockets anyone may connect to (like a session bus)
+        self.unix_stream = socket.socket(socket.AF_UNIX)
+        self.unix_stream.bind(os.path.join(socket_dir, "stream.sock"))
+        self.unix_stream.listen(1)
+        self.unix_dgram = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.unix_dgram.bind(os.path.join(socket_dir, "dgram.sock"))
+        for sock in (self.listener, self.unix_stream, self.unix_dgram):
+            sock.setblocking(False)
+        for name in ("stream.sock", "dgram.sock"):
+            os.chmod(os.path.join(socket_dir, name), 0o777)
+        self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self._old_handler = signal.signal(signal.SIGTERM, lambda sig, frame: self.signals.append(sig))
+
+    def reset(self):
+        """A fresh victim (world-writable: as root, only the mounts keep it safe), no signals:
+        each attack is judged on its own."""
+        for entry in os.listdir(self.victim_dir):
+            os.unlink(os.path.join(self.victim_dir, entry))
+        with open(self.victim, "w") as f:
+            f.write("original")
+        os.chmod(self.victim, 0o666)
+        self.victim_stat = self._stat()
+        self.signals = []
+
+    def _stat(self):
+        st = os.stat(self.victim)
+        return (st.st_mode, st.st_uid, st.st_mtime_ns, st.st_size, st.st_nlink)
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._old_handler)
+        for sock in (self.listener, self.unix_stream, self.unix_dgram):
+            sock.close()
+
+    def breaches(self, result) -> list[str]:
+        """What got through, judged from the host's side after a run."""
+        out = []
+        with open(self.victim) as f:
+            if f.read() != "original":
+                out.append("victim overwritten")
+        if self._stat() != self.victim_stat:
+            out.append("victim changed (mode, owner, mtime, size or links)")
+        if set(os.listdir(self.victim_dir)) != {"victim.txt"}:
+            out.append(f"files created next to the victim: {os.listdir(self.victim_dir)}")
+        if self.signals:
+            out.append(f"host signalled: {self.signals}")
+        if resource.getrlimit(resource.RLIMIT_NOFILE) != self.nofile:
+            out.append("host limits changed")
+        for name, receive in (("TCP", self.listener.accept), ("unix stream", self.unix_stream.accept),
+                              ("unix datagram", lambda: self.unix_dgram.recv(100))):
+            try:
+                receive()
+                out.append(f"host's {name} socket was reached")
+            except BlockingIOError:
+                pass
+        out += [line for line in result.stdout.splitlines() if line.startswith("BREACH")]
+        if SECRET in result.stdout or SECRET in result.stderr:
+            out.append("host environment leaked")
+        left = sandbox_processes()
+        if left:
+            out.append(f"sandbox processes left: {left}")
+        return out
+
+
+def sandbox_processes() -> list[int]:
+    """Live processes of a sandbox run: the driver or forks of it, and anything in a nested PID
+    namespace (such as a shell the program exec'd)."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{name}/status", "rb") as f:
+                status = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+        except OSError:
+            continue
+        nested = len(status.get(b"NSpid", b"").split()) > 1
+        if (b"sandbox_driver.py" in cmd or nested) and not status[b"State"].strip().startswith(b"Z"):
+            out.append(int(name))
+    return out
+
+
+def run_attacks(run_program, limits, guards, names=None, **kwargs) -> dict:
+    """Run each attack (or ``names``) once per guard setting against a fresh victim; returns
+    ``{"name/guard": {"status", "message", "stdout", "breaches"}}``."""
+    results = {}
+    victim_dir = tempfile.mkdtemp(prefix="wmtp_sandbox_victim_")
+    socket_dir = tempfile.mkdtemp(prefix="wmtp_sandbox_sockets_")
+    for directory in (victim_dir, socket_dir):
+        os.chmod(directory, 0o777)  # as root: only the mounts, not file permissions, keep it safe
+    try:
+        host = Host(victim_dir, socket_dir)
+        try:
+            programs = attacks(victim_dir, os.getpid(), host.port, socket_dir)
+            for name in names or programs:
+                for guard in guards:
+                    r = run_program(programs[name], limits=limits, guard=guard, **kwargs)
+                    results[f"{name}/{guard}"] = {
+                        "status": r.status, "message": r.message, "stdout": r.stdout,
+                        "breaches": host.breaches(r),
+                    }
+                    host.reset()
+        finally:
+            host.close()
+    finally:
+        for directory in (victim_dir, socket_dir):
+            for entry in os.listdir(directory):
+                os.unlink(os.path.join(directory, entry))
+            os.rmdir(directory)
+    return results
+
+
+# ---------------------------------------------------------------- the unprivileged host
+
+
+def import_sandbox():
+    """wmtp_fn.data.sandbox without running the package's __init__ (which imports torch)."""
+    for name, path in (("wmtp_fn", "wmtp_fn"), ("wmtp_fn.data", "wmtp_fn/data")):
+        if name not in sys.modules:
+            module = types.ModuleType(name)
+            module.__path__ = [os.path.join(REPO, path)]
+            sys.modules[name] = module
+    from wmtp_fn.data import sandbox, sandbox_driver
+
+    return sandbox, sandbox_driver
+
+
+def become_nobody() -> None:
+    """Root → nobody, with nobody able to run this interpreter (see the module docstring)."""
+    sandbox, driver = import_sandbox()
+    driver._call("unshare", driver._CLONE_NEWNS)
+    driver._mount(None, "/", flags=driver._MS_REC | driver._MS_PRIVATE)
+    driver.expose(sandbox.exposure_steps(sandbox.interpreter_paths(), REPO))
+    os.setgroups([])
+    os.setresgid(NOBODY, NOBODY, NOBODY)
+    os.setresuid(NOBODY, NOBODY, NOBODY)  # root → non-root: every capability is gone
+    with open("/proc/self/status") as f:  # an ordinary user: no capability it could use
+        caps = [line.split() for line in f if line.startswith(("CapPrm", "CapEff", "CapAmb"))]
+    assert len(caps) == 3 and all(int(value, 16) == 0 for _, value in caps), caps
+
+
+def unprivileged_main() -> dict:
+    sandbox, _ = import_sandbox()
+    Limits = sandbox.Limits
+    quick = Limits(timeout_s=3.0)
+    out: dict = {"uid": os.geteuid()}
+    # Benign statuses and containment of runaway programs.
+    for name, src, limits in (
+        ("passed", "print('hi')", quick),
+        ("failed", "assert False", quick),
+        ("timeout", "while True: pass", Limits(timeout_s=1.5)),
+        ("bomb", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+         Limits(timeout_s=1.5)),
+        ("escape", ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+                    "time.sleep(0.2)\nprint('parent done')"), quick),
+    ):
+        r = sandbox.run_program(src, limits=limits, guard=False)
+        out[name] = {"status": r.status, "message": r.message, "stdout": r.stdout,
+                     "left": sandbox_processes()}
+    out["attacks"] = run_attacks(sandbox.run_program, quick, [True, False])
+    # Where namespaces are unavailable: refused, unless weak isolation is asked for; then the
+    # guard alone has to catch the same attacks (except KERNEL_ONLY, its documented gaps).
+    sandbox.isolation_problem = lambda python=sys.executable: "simulated: user namespaces disabled"
+    try:
+        sandbox.run_program("print('hi')")
+        out["refused"] = None
+    except sandbox.SandboxUnavailable as e:
+        out["refused"] = str(e)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = sandbox.run_program("print('hi')", allow_weak_isolation=True)
+        out["weak_passed"] = [r.status, r.stdout, [str(w.message) for w in caught]]
+        names = [n for n in _ATTACKS if n not in KERNEL_ONLY]
+        out["weak_attacks"] = run_attacks(sandbox.run_program, quick, [True], names,
+                                          allow_weak_isolation=True)
+    return out
+
+
+if __name__ == "__main__":
+    if os.geteuid() == 0:
+        become_nobody()
+        os.execve(sys.executable, [sys.executable, "-s", __file__],
+                  {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "WMTP_SECRET": SECRET})
+    print(json.dumps(unprivileged_main()))
