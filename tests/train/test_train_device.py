@@ -6,8 +6,8 @@ import contextlib
 import pytest
 import torch
 from tensordict import TensorDict
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from tests.train.host_sync import HostSyncCounter
 from wmtp_fn.losses.cross_entropy import linear_cross_entropy
 from wmtp_fn.losses.ntp import ntp_count, ntp_sums_from_hidden
 from wmtp_fn.train import adamw
@@ -57,17 +57,6 @@ def test_adamw_parity_and_skip_on_device(device, impl):
     for before, after in zip(snap, (params, state.mu, state.nu, state.count)):
         for k in keys:
             assert torch.equal(before.get(k), after.get(k))
-
-
-class HostSyncCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
 
 
 @contextlib.contextmanager

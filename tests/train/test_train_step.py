@@ -4,9 +4,17 @@ per-step RNG, metrics without host syncs."""
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.train.train_toy_lm import concat, count_fn, hidden, init_params, make_batch, make_loss_fn, UNEMBED
+from tests.train.host_sync import HostSyncCounter
+from tests.train.train_toy_lm import (
+    UNEMBED,
+    concat,
+    count_fn,
+    hidden,
+    init_params,
+    make_batch,
+    make_loss_fn,
+)
 from wmtp_fn.train import adamw
 from wmtp_fn.train.schedule import ScheduleConfig, lr_at
 from wmtp_fn.train.state import init_train_state
@@ -216,19 +224,6 @@ def test_dropout_is_seeded_per_step_and_leaves_global_rng_alone():
     # another run seed, or the next step, draws other masks
     _, m_other = step(init_train_state(init_params(), cfg, seed=8), batch)
     assert not torch.equal(m_other["loss"], out[0][1]["loss"])
-
-
-class HostSyncCounter(TorchDispatchMode):
-    """Counts aten._local_scalar_dense (what .item(), bool(t), float(t) dispatch to)."""
-
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
