@@ -17,7 +17,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from wmtp_fn.adapters.slots import LoRASlot, slot_paths
+from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, slot_paths
 from wmtp_fn.adapters.spec import AdapterSpec
 from wmtp_fn.models.base import check_same_base, fingerprint
 
@@ -176,14 +176,20 @@ def apply(
     the base, or `adapter["model"]` to `base.model` to get hidden states. Compute runs in
     `dtype` (default: the dtype of the module's slot weights, bf16 for a bf16 base).
     """
-    binding = bind(adapter, spec, dtype=dtype or _compute_dtype(module), train=train)
-    check_bindable(module, binding)
+    slots = slot_paths(module)
+    if not slots:
+        raise ValueError(f"{type(module).__name__} has no LoRA slots; call install_slots first")
+    binding = bind(adapter, spec, dtype=dtype or next(iter(slots.values())).weight.dtype, train=train)
+    check_bindable(module, binding, slots)
     return torch.func.functional_call(module, binding, args, kwargs, strict=False)
 
 
-def check_bindable(module: nn.Module, binding: dict[str, torch.Tensor]) -> None:
-    """Every bound key must land in a slot; anything else would be silently ignored."""
-    slots = slot_paths(module)
+def check_bindable(
+    module: nn.Module, binding: dict[str, torch.Tensor], slots: dict[str, LoRASlot] | None = None
+) -> None:
+    """Every bound key must land in a slot; anything else would be silently ignored.
+    `slots`: `slot_paths(module)`, when the caller has it already."""
+    slots = slot_paths(module) if slots is None else slots
     for key in binding:
         path, _, leaf = key.rpartition(".")
         if path not in slots:
@@ -192,8 +198,8 @@ def check_bindable(module: nn.Module, binding: dict[str, torch.Tensor]) -> None:
                 f"({len(slots)} slots installed, e.g. {next(iter(slots), None)!r}); is the adapter rooted "
                 "at another module (e.g. bind adapter['model'] to base.model), or are slots missing?"
             )
-        if leaf not in ("lora_A", "lora_B", "lora_magnitude", "lora_dropout"):
-            raise KeyError(f"adapter key {key!r}: unknown leaf {leaf!r}; expected one of {LEAVES}")
+        if leaf not in SLOT_TENSORS:
+            raise KeyError(f"adapter key {key!r}: unknown leaf {leaf!r}; expected one of {SLOT_TENSORS}")
 
 
 def _layer_index(path: str) -> int | None:
@@ -202,12 +208,6 @@ def _layer_index(path: str) -> int | None:
         if part == "layers" and parts[i + 1].isdigit():
             return int(parts[i + 1])
     return None
-
-
-def _compute_dtype(module: nn.Module) -> torch.dtype:
-    for slot in slot_paths(module).values():
-        return slot.weight.dtype
-    raise ValueError(f"{type(module).__name__} has no LoRA slots; call install_slots first")
 
 
 def _device_of(module: nn.Module) -> torch.device:
