@@ -48,20 +48,28 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Replace `path` by `text` atomically (readers see the old or the new file, never half)."""
+@contextmanager
+def atomic_file(path: Path):
+    """Yield a temporary path in `path`'s directory; if the block completes, the file written
+    there is fsync'ed and replaces `path` (readers see the old or the new file, never half)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync_path(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` by `text` atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def recover_dir(final: Path) -> None:
@@ -252,17 +260,9 @@ def save_hf_lora(
         "config": dict(config or {}),
         "base_fingerprint": dict(spec.base_fingerprint or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_file(path) as tmp:
         torch.save(obj, tmp)
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
-    return path
+    return Path(path)
 
 
 def read_seed_checkpoint(path: Path, model: nn.Module | None = None, *, trusted: bool = False) -> SeedCheckpoint:
