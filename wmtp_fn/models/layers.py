@@ -45,10 +45,12 @@ def compile_layers(model: nn.Module, *, memory_budget: float | None = None, **co
     """
     if memory_budget is not None and not 0.0 < memory_budget <= 1.0:
         raise ValueError(f"compile_layers: memory_budget must be in (0, 1], got {memory_budget}")
+    if memory_budget == 1.0:  # the compiler's default: nothing to scope
+        memory_budget = None
     for layer in decoder_layers(model):
         if getattr(layer, "_wmtp_checkpointed", False):
             layer._wmtp_forward = _within_budget(torch.compile(layer._wmtp_forward, **compile_kwargs), memory_budget)
-        elif memory_budget is None or memory_budget == 1.0:
+        elif memory_budget is None:
             layer.compile(**compile_kwargs)
         else:
             inner = torch.compile(type(layer).forward.__get__(layer), **compile_kwargs)
@@ -58,7 +60,7 @@ def compile_layers(model: nn.Module, *, memory_budget: float | None = None, **co
 
 def _within_budget(fn, budget: float | None):
     """Run `fn` with the partitioner's activation memory budget set (read when it compiles)."""
-    if budget is None or budget == 1.0:
+    if budget is None:
         return fn
 
     def call(*args, **kwargs):

@@ -174,8 +174,7 @@ def prepare_base(base: nn.Module, base_cfg: ConfigDict, targets: Sequence[str]) 
     if base_cfg.compile:
         # Real batches vary in length (and the last of an epoch in size): compile for dynamic
         # shapes up front instead of recompiling per shape until Dynamo's limit.
-        budget = base_cfg.activation_memory_budget
-        compile_layers(base, fullgraph=True, dynamic=True, memory_budget=None if budget >= 1.0 else budget)
+        compile_layers(base, fullgraph=True, dynamic=True, memory_budget=base_cfg.activation_memory_budget)
     return base
 
 
