@@ -34,10 +34,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from wmtp_fn.errors import WmtpError
+
 _REPR_MAX = 50
 
 
-class DataError(ValueError):
+class DataError(WmtpError, ValueError):
     """A bad input, located: ``where`` (``path:line``, ``path:byte N`` or ``problem 'id'``),
     optionally the ``field``, and the ``reason`` (what was expected vs what was found)."""
 

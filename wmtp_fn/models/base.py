@@ -142,3 +142,36 @@ def _kind(kind: str) -> type:
     if kind not in KINDS:
         raise ValueError(f"unknown base kind {kind!r}; expected one of {sorted(KINDS)}")
     return KINDS[kind]
+
+
+# Architectures (config.json `model_type`) whose weights load into a HF Llama unchanged.
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def check_base_dir(path: str | Path, *, key: str = "base.path") -> dict:
+    """Read `path/config.json` and refuse anything that is not a supported architecture,
+    before any weight (or tokenizer) is loaded. Returns the parsed config.json.
+
+    Raises `BaseModelError` with one line naming `key`: a missing directory, no config.json,
+    invalid JSON, or another `model_type` (a GPT-2 directory would otherwise be instantiated
+    as a Llama of the wrong shape).
+    """
+    from wmtp_fn.errors import BaseModelError
+
+    path = Path(path)
+    if not path.is_dir():
+        raise BaseModelError(f"{key}: {str(path)!r} is not a directory (expected a HuggingFace model directory)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise BaseModelError(f"{key}: {str(path)!r} has no config.json (expected a HuggingFace model directory)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BaseModelError(f"{key}: {cfg_path} is not valid JSON ({e})") from None
+    model_type = cfg.get("model_type") if isinstance(cfg, dict) else None
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise BaseModelError(
+            f"{key}: {str(path)!r} is a {model_type or 'unknown'} model; wmtp_fn supports "
+            f"Llama-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)}, and the MTP format)"
+        )
+    return cfg
