@@ -171,3 +171,43 @@ def test_an_mtp_base_from_a_llama_keeps_its_next_token_head(base):
         assert torch.allclose(logits[:, :, k], ref, atol=1e-5, rtol=1e-5)
     src = base.model.layers[-1].mlp.down_proj.weight
     assert mtp.extra_heads[0].mlp.down_proj.weight.data_ptr() != src.data_ptr()
+
+
+def test_the_seeds_policy_checkpoint_loads_with_no_weight_dropped(release, tmp_path):
+    from tensordict import TensorDict
+
+    from wmtp_fn.adapters import apply, install_slots, validate
+    from wmtp_fn.models.meta import read_seeds_policy, save_seeds_policy
+
+    src, state = release
+    model = load_mtp(convert_meta(src, tmp_path / "mtp"), dtype=torch.float64)
+    install_slots(model)
+    gen = torch.Generator().manual_seed(3)
+    lora = {}
+    for name, w in state.items():
+        if any(f".{n}." in name for n in ("wq", "wk", "wv", "wo", "w1", "w2", "w3")):
+            lin = name.removesuffix(".weight")
+            lora[lin] = (torch.randn(2, w.shape[1], generator=gen), torch.randn(w.shape[0], 2, generator=gen))
+    seeds = {"checkpoint_type": "lora", "extra_heads_state_dict": {}, "value_head_state_dict": {},
+             "lora_state_dict": {f"{k}.lora_A": a for k, (a, _) in lora.items()} | {f"{k}.lora_B": b for k, (_, b) in lora.items()},
+             "lora_config": {"rank": 2, "alpha": 4}, "config": {"model": {"path": "x"}}, "epoch": 1.0,
+             "train_metrics": {}, "val_metrics": {}, "td_ema_state": None, "optimizer_state_dict": {}}
+    torch.save(seeds, tmp_path / "policy.pt")
+    flat, spec, meta = read_seeds_policy(tmp_path / "policy.pt", model.config)
+    assert spec.targets == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert len(flat) == len(seeds["lora_state_dict"]) and meta["epoch"] == 1.0
+    adapter = TensorDict(flat, batch_size=[]).unflatten_keys(".")
+    validate(adapter, spec, model, check_base=False)  # every slot of trunk and heads, nothing extra
+    tokens = torch.randint(0, PARAMS["vocab_size"], (1, 6), generator=gen)
+    lora64 = {k: (a.double(), b.double()) for k, (a, b) in lora.items()}
+    with torch.no_grad():
+        assert rel(apply(model, adapter.double(), spec, tokens), meta_forward(state, PARAMS, tokens, lora=lora64, scale=2.0)) < 1e-5
+    save_seeds_policy(tmp_path / "again.pt", flat, spec, model.config, epoch=2.0)
+    flat2, spec2, _ = read_seeds_policy(tmp_path / "again.pt", model.config)
+    assert spec2 == spec and all(torch.equal(flat2[k], v) for k, v in flat.items())
+    attention_only = {k: v for k, v in seeds["lora_state_dict"].items() if ".attention." in k}
+    torch.save({**seeds, "lora_state_dict": attention_only}, tmp_path / "attn.pt")
+    assert read_seeds_policy(tmp_path / "attn.pt", model.config)[1].targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    torch.save({**seeds, "lora_state_dict": {"layers.0.attention.wq.weight": torch.zeros(1)}}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="is not a Meta-named LoRA leaf"):
+        read_seeds_policy(tmp_path / "bad.pt", model.config)

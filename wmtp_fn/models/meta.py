@@ -172,6 +172,74 @@ def export_meta(model: MTPLlama, out: str | Path) -> Path:
     return Path(out)
 
 
+# ----------------------------------------------------------------------------- the seeds' policy files
+
+_LORA_KEY = re.compile(r"^(?:layers|extra_heads)\.\d+\.(?:attention|feed_forward)\.(w[qkvo123])\.lora_[AB]$")
+
+
+def read_seeds_policy(path: str | Path, config, *, trusted: bool = False):
+    """The seeds' MTP policy checkpoint (`checkpoint_type: "lora"`, Meta key names such as
+    `layers.3.attention.wq.lora_A`, `lora_config: {rank, alpha}`) as `(flat adapter in the
+    project's names and q/k layout, AdapterSpec, meta)`.
+
+    Its `lora_config` omits the targets; they are inferred from the keys present, so every
+    weight in the file is kept (the seeds' own evaluation rebuilt attention-only adapters from
+    this config and silently dropped the FFN LoRA weights).
+    """
+    from wmtp_fn.adapters.spec import META_ALIASES, AdapterSpec
+
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trusted)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises several types for unpicklable content
+        raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({type(e).__name__}); "
+                         "if you trust this file, pass trusted=True") from None
+    if not isinstance(obj, dict) or obj.get("checkpoint_type") != "lora":
+        kind = obj.get("checkpoint_type") if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{path}: expected the seeds' MTP policy checkpoint (checkpoint_type 'lora'), got {kind!r}")
+    for key in ("lora_state_dict", "lora_config"):
+        if key not in obj:
+            raise ValueError(f"{path}: policy checkpoint is missing {key!r}")
+    flat = {k: v.float() for k, v in obj["lora_state_dict"].items()}
+    bad = [k for k in flat if not _LORA_KEY.match(k)]
+    if bad:
+        raise ValueError(f"{path}: lora_state_dict key {bad[0]!r} is not a Meta-named LoRA leaf "
+                         "(expected e.g. 'layers.3.attention.wq.lora_A')")
+    if not flat:
+        raise ValueError(f"{path}: lora_state_dict is empty")
+    cfg = obj["lora_config"]
+    if "rank" not in cfg or "alpha" not in cfg:
+        raise ValueError(f"{path}: lora_config needs rank and alpha; it has {sorted(cfg)}")
+    targets = sorted({META_ALIASES[_LORA_KEY.match(k).group(1)] for k in flat})
+    spec = AdapterSpec(rank=int(cfg["rank"]), alpha=float(cfg["alpha"]), dropout=float(cfg.get("dropout", 0.0)),
+                       targets=tuple(targets))
+    meta = {k: obj.get(k) for k in ("epoch", "train_metrics", "val_metrics", "config", "td_ema_state")}
+    return meta_to_hf_state(flat, config), spec, meta
+
+
+def save_seeds_policy(path: str | Path, flat_adapter: Mapping[str, torch.Tensor], spec, config, **meta) -> Path:
+    """Write an adapter on the MTP base in the seeds' policy format (for the old tooling):
+    Meta names and q/k layout, with the full spec (targets and dropout too) in `lora_config`."""
+    from wmtp_fn.checkpoint import atomic_file
+
+    obj = {
+        "checkpoint_type": "lora",
+        "lora_state_dict": {k: v.detach().cpu() for k, v in hf_to_meta_state(dict(flat_adapter), config).items()},
+        "extra_heads_state_dict": {}, "value_head_state_dict": {},
+        "lora_config": {"rank": spec.rank, "alpha": float(spec.alpha), "dropout": float(spec.dropout),
+                        "target_modules": [k for k, v in _META_NAMES.items() if v in spec.targets]},
+        **{k: meta.get(k) for k in ("epoch", "train_metrics", "val_metrics", "config")},
+    }
+    with atomic_file(Path(path)) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+_META_NAMES = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m wmtp_fn.models.meta SRC OUT`: convert once, then train from OUT."""
     import argparse
