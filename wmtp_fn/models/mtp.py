@@ -93,9 +93,15 @@ class MTPLlama(nn.Module):
         """The value head's input on an MTP base: `norm(z)`, [B, T, d]."""
         return self.model.norm(trunk.hidden)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """All-head logits `[B, T, H, V]` (holds them all: small inputs only)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *, then=None):
+        """All-head logits `[B, T, H, V]` (holds them all: small inputs only).
+
+        then: `then(model, trunk_output) -> anything` replaces the heads: it runs inside this
+        call, so an adapter bound for the call (`adapters.apply`) stays bound while it runs the
+        heads its own way (one at a time, each with its own backward)."""
         t = self.trunk(input_ids, attention_mask)
+        if then is not None:
+            return then(self, t)
         return torch.stack([self.lm_head(self.head_hidden(t, k)) for k in range(self.n_future)], dim=2)
 
 
