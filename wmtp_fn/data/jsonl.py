@@ -19,7 +19,7 @@ import os
 from collections.abc import Iterator
 from typing import Any, Literal, NamedTuple
 
-from wmtp_fn.data.schema import DataError, Record, location, parse_record
+from wmtp_fn.data.schema import DataError, Record, location, parse_record, record_format
 
 OnError = Literal["raise", "skip"]
 
@@ -89,6 +89,7 @@ def iter_located(
 def _located(path: str, on_error: str, skipped: list[DataError] | None) -> Iterator[Located]:
     n_nonblank = 0
     offset = 0
+    file_format: tuple[str, int] | None = None  # (format, line) of the first record
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             start, offset = offset, offset + len(raw)
@@ -97,6 +98,15 @@ def _located(path: str, on_error: str, skipped: list[DataError] | None) -> Itera
             n_nonblank += 1
             try:
                 obj = decode_line(raw, path=path, line=line_no)
+                if isinstance(obj, dict):
+                    if file_format is None:
+                        file_format = (record_format(obj), line_no)
+                    elif record_format(obj) != file_format[0]:
+                        raise DataError(
+                            location(path, line=line_no),
+                            f"record in the {record_format(obj)} format, but line {file_format[1]} is in "
+                            f"the {file_format[0]} format (one format per file)",
+                        )
                 record = parse_record(obj, path=path, line=line_no)
             except DataError as e:
                 if on_error == "raise":

@@ -312,3 +312,107 @@ def next_batch(
     if end == n_items or (drop_last and n_items - end < batch_size):
         epoch, end = epoch + 1, 0
     return batch, Cursor(cursor.seed, epoch, end)
+
+
+# --------------------------------------------------------------------------- the seeds' pair rule
+
+_STREAM_SEEDS_PAIRS = 5
+# Length bins of the seeds' length-balanced critic pairs: the first edge b with length < b.
+SEEDS_LENGTH_EDGES: tuple[int, ...] = (0, 50, 100, 125, 150, 175, 200, 250, 300, 350, 400, 500, 600, 800, 1000, 1500, 2000)
+
+
+def seeds_length_bin(n_tokens: int) -> str:
+    """``"<b"`` for the first edge ``b`` of ``SEEDS_LENGTH_EDGES`` with ``n_tokens < b``, else
+    ``"2000+"``."""
+    for edge in SEEDS_LENGTH_EDGES:
+        if n_tokens < edge:
+            return f"<{edge}"
+    return f"{SEEDS_LENGTH_EDGES[-1]}+"
+
+
+def seeds_problem_pairs(
+    index: Index, problem_id: str, *, seed: int, max_pairs_per_problem: int, lengths: Mapping[int, int] | None = None
+) -> list[tuple[int, int]]:
+    """The seeds' pairs of one problem: correct and incorrect records shuffled and matched one
+    to one, so every record is used at most once: ``min(#correct, #incorrect,
+    max_pairs_per_problem)`` pairs. With ``lengths`` (offset → tokens) both members must share a
+    ``seeds_length_bin``; the per-problem cap applies after that matching."""
+    entry = index["problems"][problem_id]
+    rng = _rng(seed, _STREAM_SEEDS_PAIRS, _name_word(problem_id))
+    pos = [entry["correct_offsets"][i] for i in rng.permutation(len(entry["correct_offsets"]))]
+    neg = [entry["incorrect_offsets"][i] for i in rng.permutation(len(entry["incorrect_offsets"]))]
+    if lengths is None:
+        return list(zip(pos, neg))[:max_pairs_per_problem]
+    by_bin: dict[str, tuple[list[int], list[int]]] = {}
+    for side, offsets in ((0, pos), (1, neg)):
+        for o in offsets:
+            if o not in lengths:
+                raise KeyError(f"lengths has no token length for the record at byte offset {o}")
+            by_bin.setdefault(seeds_length_bin(lengths[o]), ([], []))[side].append(o)
+    matched = [pair for p, n in by_bin.values() for pair in zip(p, n)]
+    return [matched[i] for i in rng.permutation(len(matched))[:max_pairs_per_problem]]
+
+
+def seeds_pairs(
+    index: Index,
+    *,
+    n_pairs: int,
+    seed: int,
+    bins: Mapping[str, Sequence[int]] = DEFAULT_BINS,
+    weights: Mapping[str, float] = DEFAULT_WEIGHTS,
+    max_pairs_per_problem: int = 60,
+    lengths: Mapping[int, int] | None = None,
+) -> list[tuple[int, int]]:
+    """``n_pairs`` (correct, incorrect) offset pairs by the research code's rule (``sampling =
+    "seeds_pairs"``), shuffled.
+
+    Only problems with a difficulty inside a bin and at least one record of each label take
+    part; each gives ``seeds_problem_pairs``. Bin targets are ``int(n_pairs · w)`` over the bins
+    that have pairs (an empty bin's weight is spread over the others), the remainder one each to
+    the bins with the most pairs; a bin with fewer pairs than its target is an error. With
+    ``lengths`` (length-balanced critic pairs) the weights are ignored, as the seeds did: the bins
+    only filter, and ``n_pairs`` are drawn from all of their pairs. Pointwise objectives keep the
+    correct member of each pair.
+    """
+    if type(n_pairs) is not int or n_pairs < 1:
+        raise ValueError(f"n_pairs must be an int >= 1, got {n_pairs!r}")
+    if type(max_pairs_per_problem) is not int or max_pairs_per_problem < 1:
+        raise ValueError(f"max_pairs_per_problem must be an int >= 1, got {max_pairs_per_problem!r}")
+    spec = check_bins(bins, weights)
+    taken: set[str] = set()  # a problem in two overlapping bins is paired once
+    pools: list[list[tuple[int, int]]] = []
+    for _, lo, hi, _ in spec:
+        pool = []
+        for pid in _problems_in(index, lo, hi):
+            if pid not in taken:
+                taken.add(pid)
+                pool += seeds_problem_pairs(index, pid, seed=seed, max_pairs_per_problem=max_pairs_per_problem, lengths=lengths)
+        pools.append(pool)
+    rng = _rng(seed, _STREAM_SEEDS_PAIRS)
+    if lengths is not None:
+        spec = [("all bins", min(s[1] for s in spec), max(s[2] for s in spec), 1.0)]
+        pools = [[pair for pool in pools for pair in pool]]
+    targets = _seeds_targets(n_pairs, [w for *_, w in spec], [len(p) for p in pools])
+    out = []
+    for (name, lo, hi, _), pool, k in zip(spec, pools, targets):
+        if k > len(pool):
+            raise ValueError(
+                f"bin {name!r} [{lo}, {hi}]: {k} pairs requested but only {len(pool)} exist "
+                f"(max_pairs_per_problem={max_pairs_per_problem}); lower n_pairs or widen the bins"
+            )
+        out += [pool[i] for i in rng.permutation(len(pool))[:k]]
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _seeds_targets(n: int, weights: Sequence[float], available: Sequence[int]) -> list[int]:
+    """``int(n · w)`` per bin with pairs (weights renormalised over them), the remainder one
+    each to the bins with the most pairs (ties: the first bin)."""
+    live = [w if a > 0 else 0.0 for w, a in zip(weights, available)]
+    total = sum(live)
+    if total == 0:
+        raise ValueError("no bin with a positive weight has any (correct, incorrect) pair")
+    targets = [int(n * w / total) for w in live]
+    richest = sorted((i for i, w in enumerate(live) if w > 0), key=lambda i: (-available[i], i))
+    for j in range(n - sum(targets)):
+        targets[richest[j % len(richest)]] += 1
+    return targets

@@ -29,13 +29,11 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
 
 
-def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Final (normalised) hidden states `[B, T, d]` of a `LlamaModel`-like module.
-
-    input_ids: [B, T]; attention_mask: [B, T] or None. Pass None for unpadded or right-padded
-    batches (see `right_padded`); any other mask goes through HF's own mask construction, as
-    does every call with an attention implementation that is not causal by itself.
-    """
+def embed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """Token embeddings and the per-call attention inputs of a `LlamaModel`-like module:
+    `(hidden [B, T, d], rope (cos, sin), mask or None, positions [1, T])`. A mask is built only
+    for a padded batch that is not right-padded, or for an attention kernel that is not causal
+    by itself (see `decoder_forward`)."""
     hidden = model.embed_tokens(input_ids)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
     rope = model.rotary_emb(hidden, positions)
@@ -50,10 +48,26 @@ def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
             position_ids=positions,
             **extra,
         )
-    for layer in model.layers:
+    return hidden, rope, mask, positions
+
+
+def run_layers(layers, hidden: torch.Tensor, rope, mask, positions: torch.Tensor) -> torch.Tensor:
+    """Run decoder layers in order: hidden [B, T, d] -> [B, T, d]."""
+    for layer in layers:
         out = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rope)
         hidden = out[0] if isinstance(out, tuple) else out  # transformers 4.x returns a tuple
-    return model.norm(hidden)
+    return hidden
+
+
+def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Final (normalised) hidden states `[B, T, d]` of a `LlamaModel`-like module.
+
+    input_ids: [B, T]; attention_mask: [B, T] or None. Pass None for unpadded or right-padded
+    batches (see `right_padded`); any other mask goes through HF's own mask construction, as
+    does every call with an attention implementation that is not causal by itself.
+    """
+    hidden, rope, mask, positions = embed(model, input_ids, attention_mask)
+    return model.norm(run_layers(model.layers, hidden, rope, mask, positions))
 
 
 class HiddenStates(nn.Module):
