@@ -98,3 +98,20 @@ def test_memory_budget_compiles_through_the_min_cut_partitioner_and_keeps_gradie
 def test_bad_memory_budget(base):
     with pytest.raises(ValueError, match=r"memory_budget must be in \(0, 1\]"):
         compile_layers(base, memory_budget=0.0)
+
+
+def test_checkpointed_layers_ignore_a_kv_cache_of_a_cache_enabled_forward(tiny_dir, batch):
+    """HF's forward with use_cache=True hands each layer a cache; a checkpointed layer that kept
+    it would append its keys again when recomputed in backward (doubled keys, wrong shapes)."""
+    plain = load_base(tiny_dir)
+    install_slots(plain)
+    ckpt = load_base(tiny_dir)
+    install_slots(ckpt)
+    checkpoint_layers(ckpt)
+    adapter, spec = init(plain, AdapterSpec(rank=4, alpha=8.0), seed=0)
+    adapter = randomize(adapter, seed=1)
+    out_ref, g_ref = grads(plain, adapter, spec, {**batch, "use_cache": True})
+    out, g = grads(ckpt, adapter, spec, {**batch, "use_cache": True})
+    assert torch.equal(out, out_ref)
+    for k in g_ref:
+        assert rel_err(g[k], g_ref[k]) <= 1e-6, k

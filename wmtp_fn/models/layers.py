@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 
 from wmtp_fn.adapters.slots import SLOT_TENSORS, slot_paths
 
@@ -103,13 +104,24 @@ def _checkpointed_forward(layer: nn.Module):
                     bound[f"{path}.{name}"] = t
         if not torch.is_grad_enabled():
             return layer._wmtp_forward(*args, **kwargs)
-        # A KV cache would be appended to twice (forward and recomputation); training has no
-        # use for it, so checkpointed layers run without one, as HF's own checkpointing does.
-        kwargs.pop("past_key_values", None)
-        kwargs.pop("past_key_value", None)  # its name before transformers 4.56
-        return checkpoint(run, bound, *args, use_reentrant=False, **kwargs)
+        return checkpoint(run, bound, *args, use_reentrant=False, **_without_cache(kwargs))
 
     return checkpointed
+
+
+def _without_cache(kwargs: dict) -> dict:
+    """The layer's keyword arguments minus any KV cache: a cache would be appended to twice
+    (in the forward and again in the recomputation, doubling the keys the attention sees), and
+    training has no use for it, so checkpointed layers run without one, as HF's own
+    checkpointing does. Caches are recognised by type, since transformers has renamed the
+    argument across versions (`past_key_value`, `past_key_values`, `cache`)."""
+    out = {k: v for k, v in kwargs.items() if not isinstance(v, Cache) and k not in _CACHE_ARGS}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
+_CACHE_ARGS = ("past_key_value", "past_key_values", "cache")
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import masking_utils
 
-_MASK_TAKES_CACHE_POSITION = "cache_position" in inspect.signature(masking_utils.create_causal_mask).parameters
+_MASK_PARAMS = inspect.signature(masking_utils.create_causal_mask).parameters
 # Attention kernels that are causal by themselves when given no mask. Any other implementation
 # (HF's eager or flex attention) needs the causal mask built explicitly, or it attends ahead.
 CAUSAL_WITHOUT_MASK = ("sdpa", "flash_attention_2", "flash_attention_3")
@@ -29,6 +29,18 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((m[:, 1:] <= m[:, :-1]).all()) and bool(m[:, 0].all())
 
 
+def _mask_kwargs(config, hidden: torch.Tensor, attention_mask, positions: torch.Tensor) -> dict:
+    """Arguments of `create_causal_mask` under the installed transformers: the embeddings and
+    the (absent) cache have been renamed across versions (`input_embeds` / `inputs_embeds`,
+    `past_key_values` / `cache`), and `cache_position` was dropped."""
+    kwargs = {"config": config, "attention_mask": attention_mask, "position_ids": positions}
+    kwargs["inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input_embeds"] = hidden
+    kwargs["cache" if "cache" in _MASK_PARAMS else "past_key_values"] = None
+    if "cache_position" in _MASK_PARAMS:
+        kwargs["cache_position"] = positions[0]
+    return kwargs
+
+
 def embed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
     """Token embeddings and the per-call attention inputs of a `LlamaModel`-like module:
     `(hidden [B, T, d], rope (cos, sin), mask or None, positions [1, T])`. A mask is built only
@@ -39,15 +51,7 @@ def embed(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tenso
     rope = model.rotary_emb(hidden, positions)
     mask = None
     if attention_mask is not None or model.config._attn_implementation not in CAUSAL_WITHOUT_MASK:
-        extra = {"cache_position": positions[0]} if _MASK_TAKES_CACHE_POSITION else {}
-        mask = masking_utils.create_causal_mask(
-            config=model.config,
-            inputs_embeds=hidden,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=positions,
-            **extra,
-        )
+        mask = masking_utils.create_causal_mask(**_mask_kwargs(model.config, hidden, attention_mask, positions))
     return hidden, rope, mask, positions
 
 
