@@ -12,6 +12,7 @@ An adapter is a `TensorDict` nested by module path with fp32 master leaves
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from tensordict import TensorDict
@@ -19,7 +20,7 @@ from torch import nn
 
 from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, slot_paths
 from wmtp_fn.adapters.spec import AdapterSpec
-from wmtp_fn.models.base import check_same_base, fingerprint
+from wmtp_fn.fingerprint import check_same_base, fingerprint
 
 LEAVES = ("lora_A", "lora_B", "lora_magnitude")
 
@@ -28,12 +29,13 @@ def target_paths(model: nn.Module, spec: AdapterSpec) -> list[str]:
     """Module paths `spec` adapts in `model`, in module order; every one must be a slot."""
     wanted = set(spec.targets)
     layers = None if spec.layers is None else set(spec.layers)
+    index = _layer_index(model) if layers is not None else {}
     paths, missing = [], []
     for path, module in model.named_modules():
         leaf = path.rsplit(".", 1)[-1]
         if leaf not in wanted or not isinstance(module, (nn.Linear, LoRASlot)):
             continue
-        if layers is not None and _layer_index(path) not in layers:
+        if layers is not None and index.get(_block_of(path)) not in layers:
             continue
         (paths if isinstance(module, LoRASlot) else missing).append(path)
     if missing:
@@ -202,12 +204,21 @@ def check_bindable(
             raise KeyError(f"adapter key {key!r}: unknown leaf {leaf!r}; expected one of {SLOT_TENSORS}")
 
 
-def _layer_index(path: str) -> int | None:
-    parts = path.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
-    return None
+_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layers|extra_heads)\.\d+)(?:\.|$)")
+
+
+def _block_of(path: str) -> str | None:
+    """The decoder block a module path is in (`model.layers.3`, `extra_heads.0`), or None."""
+    m = _BLOCK.match(path)
+    return m.group(1) if m else None
+
+
+def _layer_index(model: nn.Module) -> dict[str, int]:
+    """Decoder-block path -> its index in `AdapterSpec.layers`: the blocks of `layers` in order,
+    then an MTP base's `extra_heads` (so with a trunk of n blocks, extra head j is n + j)."""
+    blocks = [p for p, _ in model.named_modules() if _BLOCK.match(p) and _block_of(p) == p]
+    ordered = [p for p in blocks if ".extra_heads." not in f".{p}"] + [p for p in blocks if ".extra_heads." in f".{p}"]
+    return {p: i for i, p in enumerate(ordered)}
 
 
 def _device_of(module: nn.Module) -> torch.device:

@@ -20,7 +20,7 @@ from torch import nn
 
 from wmtp_fn.adapters.lora import from_flat, to_flat, validate
 from wmtp_fn.adapters.spec import AdapterSpec, resolve_targets
-from wmtp_fn.models.base import fingerprint
+from wmtp_fn.fingerprint import fingerprint
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"

@@ -1,35 +1,24 @@
-"""The frozen base: build or load a HuggingFace Llama, freeze it, fingerprint it.
+"""The frozen base: build or load a HuggingFace Llama (or an MTP base), freeze it, and record
+what it is once: `Base(module, kind, fingerprint, path)`.
 
 The base is built once per process and never mutated by training. Adapters store the
-fingerprint of the base they were trained on, so loading one onto another base fails loudly.
+fingerprint of the base they were trained on, so loading one onto another base fails loudly;
+the record computes it once, at load, before any sharding (`prepare` owns what happens next).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
+from wmtp_fn.fingerprint import check_same_base, fingerprint  # noqa: F401  (re-exported)
+
 KINDS = {"causal_lm": LlamaForCausalLM, "model": LlamaModel}
-
-# Config fields that decide whether two bases are the same architecture.
-_ARCH_FIELDS = (
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "vocab_size",
-    "rms_norm_eps",
-    "rope_theta",
-)
-# Elements hashed per tensor: enough to tell two checkpoints apart, cheap on a 7B model.
-_HASH_ELEMENTS = 1 << 16
-
 
 def tiny_llama_config(vocab_size: int = 1024, **overrides) -> LlamaConfig:
     """A Llama small enough for CPU tests and the embedded demo (~0.2M parameters)."""
@@ -69,6 +58,50 @@ def build_base(
     return freeze(model.to(dtype))
 
 
+@dataclass(frozen=True)
+class Base:
+    """A frozen base and what identifies it.
+
+    module: the `nn.Module` (`LlamaForCausalLM`, `LlamaModel` or `MTPLlama`), frozen, eval mode.
+    kind: `"causal_lm"`, `"model"` or `"mtp"`. fingerprint: `wmtp_fn.fingerprint.fingerprint` of
+    the unsharded weights, computed once here (every adapter init/validate/import reads it).
+    path: the directory it was loaded from, or None for a base built in memory.
+    """
+
+    module: nn.Module
+    kind: str
+    fingerprint: dict[str, str]
+    path: str | None = None
+
+    @staticmethod
+    def of(module: nn.Module, kind: str, path: str | Path | None = None) -> "Base":
+        """Record an already frozen module (fingerprinted now)."""
+        return Base(module, kind, fingerprint(module), None if path is None else str(path))
+
+
+def open_base(
+    path: str | Path,
+    *,
+    kind: str = "causal_lm",
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = "sdpa",
+    key: str = "base.path",
+) -> Base:
+    """Check `path` (`check_base_dir`: a clear error naming `key` before any weight is read),
+    load it frozen, and record it. An MTP base directory (see `models.mtp`) is recognised from
+    its config.json and loads as kind `"mtp"` whatever `kind` says."""
+    cfg = check_base_dir(path, key=key)
+    from wmtp_fn.models.mtp import is_mtp_config, load_mtp
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if is_mtp_config(cfg):
+        module = freeze(load_mtp(path, dtype=dtype, device=device, attn_implementation=attn_implementation))
+        return Base.of(module, "mtp", path)
+    return Base.of(load_base(path, kind=kind, dtype=dtype, device=device, attn_implementation=attn_implementation), kind, path)
+
+
 def load_base(
     path: str | Path,
     *,
@@ -77,10 +110,11 @@ def load_base(
     device: str | torch.device = "cpu",
     attn_implementation: str | None = "sdpa",
 ) -> nn.Module:
-    """Load a HuggingFace Llama from a local directory (`from_pretrained`), frozen, in eval mode."""
+    """Load a HuggingFace Llama from a local directory (`from_pretrained`), frozen, in eval mode.
+    The directory is checked first (`check_base_dir`), so another architecture is refused before
+    any weight is read. `open_base` returns the module with its record."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"base model directory {str(path)!r} has no config.json")
+    check_base_dir(path, key="base directory")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kwargs = {"dtype": dtype}
@@ -88,54 +122,6 @@ def load_base(
         kwargs["attn_implementation"] = attn_implementation
     model = _kind(kind).from_pretrained(str(path), **kwargs)
     return freeze(model.to(device))
-
-
-def fingerprint(model: nn.Module) -> dict[str, str]:
-    """Identify a base: architecture, parameter shapes, dtype and a hash of a few weight tensors.
-
-    Tensors are hashed after rounding to bfloat16 on the CPU, so the same checkpoint loaded in
-    fp32 or bf16 has the same `weights` digest; `dtype` is recorded for information only
-    (see `check_same_base`). Must be computed on the unsharded base (before FSDP).
-    """
-    cfg = getattr(model, "config", None)
-    arch = {"class": type(model).__name__}
-    if cfg is not None:
-        arch.update({f: getattr(cfg, f, None) for f in _ARCH_FIELDS})
-    named = {n: p for n, p in model.named_parameters()}
-    shapes = json.dumps({n: list(p.shape) for n, p in named.items()}, sort_keys=True)
-    h = hashlib.sha256()
-    for name in _hashed_names(list(named)):
-        flat = named[name].detach().reshape(-1)[:_HASH_ELEMENTS]
-        h.update(name.encode())
-        h.update(flat.to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
-    dtype = next(iter(named.values())).dtype if named else torch.float32
-    return {
-        "arch": json.dumps(arch, sort_keys=True),
-        "shapes": hashlib.sha256(shapes.encode()).hexdigest()[:16],
-        "weights": h.hexdigest()[:16],
-        "dtype": str(dtype).removeprefix("torch."),
-    }
-
-
-def check_same_base(expected: dict[str, str] | None, actual: dict[str, str], *, what: str = "adapter") -> None:
-    """Raise if `actual` is not the base `expected` was made for (dtype may differ)."""
-    if not expected:
-        return
-    diff = [k for k in ("arch", "shapes", "weights") if expected.get(k) != actual.get(k)]
-    if diff:
-        raise ValueError(
-            f"{what} was made for a different base: {', '.join(diff)} differ\n"
-            f"  {what} base fingerprint: {json.dumps(expected, sort_keys=True)}\n"
-            f"  this base fingerprint:  {json.dumps(actual, sort_keys=True)}"
-        )
-
-
-def _hashed_names(names: list[str]) -> list[str]:
-    """A few tensors spread over the model: first, last, and a middle one of the list."""
-    if not names:
-        return []
-    picks = {0, len(names) // 2, len(names) - 1}
-    return [names[i] for i in sorted(picks)]
 
 
 def _kind(kind: str) -> type:

@@ -23,12 +23,13 @@ from wmtp_fn.adapters.slots import SLOT_TENSORS, slot_paths
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a HF Llama (`LlamaForCausalLM` or `LlamaModel`)."""
+    """The decoder layers of a HF Llama (`LlamaForCausalLM` or `LlamaModel`), and of an MTP
+    base the extra heads after them."""
     inner = getattr(model, "model", model)
     layers = getattr(inner, "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__} has no decoder `layers`")
-    return list(layers)
+    return list(layers) + list(getattr(model, "extra_heads", []))
 
 
 def compile_layers(model: nn.Module, *, memory_budget: float | None = None, **compile_kwargs) -> nn.Module:

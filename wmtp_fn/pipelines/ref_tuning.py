@@ -16,7 +16,7 @@ from wmtp_fn import checkpoint
 from wmtp_fn.adapters import AdapterSpec, export_peft
 from wmtp_fn.adapters import init as init_adapter
 from wmtp_fn.data.sampling import Cursor
-from wmtp_fn.models.base import check_same_base
+from wmtp_fn.fingerprint import check_same_base
 from wmtp_fn.losses.ntp import ntp_count
 from wmtp_fn.objectives import ntp_objective
 from wmtp_fn.pipelines import common
