@@ -37,7 +37,8 @@ from wmtp_fn.adapters import init as init_adapter  # noqa: E402
 from wmtp_fn.losses.ntp import ntp_count, ntp_sums  # noqa: E402
 from wmtp_fn.models.base import freeze  # noqa: E402
 from wmtp_fn.models.layers import checkpoint_layers, compile_layers  # noqa: E402
-from wmtp_fn.objectives import ntp_objective  # noqa: E402
+from wmtp_fn.objectives import Objective, weighted_sum  # noqa: E402
+from wmtp_fn.objectives.ntp import ntp_objective  # noqa: E402
 from wmtp_fn.train import adamw  # noqa: E402
 from wmtp_fn.train.schedule import ScheduleConfig  # noqa: E402
 from wmtp_fn.train.state import init_train_state  # noqa: E402
@@ -168,24 +169,26 @@ def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mo
     if compile_:
         compile_layers(model, fullgraph=True, mode=mode, memory_budget=memory_budget)
     if full_ce:
-        def loss_fn(params, batch):
+        def loss(params, extra, batch, scale):
             from wmtp_fn.adapters import apply
 
             logits = apply(model, params["lora"], spec, input_ids=batch["input_ids"], use_cache=False).logits
             total, _ = ntp_sums(logits, batch["labels"])
-            return total.reshape(1), {}
+            return weighted_sum(total.reshape(1), scale), total.reshape(1), {}
+
+        objective = Objective(count=ntp_count, loss=loss)
     else:
-        loss_fn = ntp_objective(model, spec, chunk_size=args.ce_chunk, train=True)
-    return TensorDict({"lora": adapter}, batch_size=[]), loss_fn
+        objective = ntp_objective(model, spec, chunk_size=args.ce_chunk, train=True)
+    return TensorDict({"lora": adapter}, batch_size=[]), objective
 
 
 def our_step(model, args, batch, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,
              memory_budget: float | None = None):
-    params, loss_fn = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce, mode=mode,
+    params, objective = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce, mode=mode,
                                 memory_budget=memory_budget)
     opt_cfg = adamw.AdamWConfig(lr=args.lr, impl="auto")
     state = init_train_state(params, opt_cfg, seed=0)
-    step_fn = make_train_step(loss_fn, ntp_count, opt_cfg, ScheduleConfig(kind="constant"))
+    step_fn = make_train_step(objective, opt_cfg, ScheduleConfig(kind="constant"))
     holder = {"state": state}
 
     def step():
@@ -200,9 +203,9 @@ def our_step(model, args, batch, *, compile_: bool, checkpoint: int, full_ce: bo
 
 def adapter_grads(cfg, state, args, batch, device, dtype, **kw):
     model = build_model(cfg, state, device, dtype)
-    params, loss_fn = our_parts(model, args, **kw)
+    params, objective = our_parts(model, args, **kw)
     params = params.to(device)
-    grads, loss, counts, _ = accumulate_grads(loss_fn, ntp_count, params, [batch])
+    grads, loss, counts, _, _ = accumulate_grads(objective, params, TensorDict(), [batch])
     out = float(loss / counts.sum()), {k: v.double() for k, v in grads.flatten_keys(".").items()}
     del model
     torch._dynamo.reset()

@@ -70,7 +70,7 @@ def test_resume_after_three_steps_is_bitwise_identical(tmp_path):
     a, _ = checkpoint.read_checkpoint(checkpoint.latest(tmp_path / "straight" / "checkpoints"))
     b, meta = checkpoint.read_checkpoint(checkpoint.latest(ckpts))
     assert meta["state"]["step"] == 6 and meta["cursor"]["position"] > 0
-    for group in ("params", "opt"):
+    for group in ("params", "state"):
         assert a[group].keys() == b[group].keys()
         for k in a[group]:
             assert torch.equal(a[group][k], b[group][k]), (group, k)

@@ -86,9 +86,9 @@ def test_matches_torch_adamw_with_no_decay(impl):
         cfg, groups, dict(lr=3e-3, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1), impl
     )
     assert_tree_close(params, [ref[k] for k in keys], keys)
-    assert_tree_close(state.mu, [opt.state[ref[k]]["exp_avg"] for k in keys], keys)
-    assert_tree_close(state.nu, [opt.state[ref[k]]["exp_avg_sq"] for k in keys], keys)
-    for c in leaves(state.count, keys):
+    assert_tree_close(state["mu"], [opt.state[ref[k]]["exp_avg"] for k in keys], keys)
+    assert_tree_close(state["nu"], [opt.state[ref[k]]["exp_avg_sq"] for k in keys], keys)
+    for c in leaves(state["count"], keys):
         assert c.dtype == torch.float32 and c.shape == () and float(c) == 12.0
 
 
@@ -159,7 +159,7 @@ def test_init_structure_and_errors():
     params = make_params()
     state = adamw.init(params, adamw.AdamWConfig())
     keys = leaf_keys(params)
-    for tree in (state.mu, state.nu):
+    for tree in (state["mu"], state["nu"]):
         assert leaf_keys(tree) == keys
         for p, m in zip(leaves(params, keys), leaves(tree, keys)):
             assert m.shape == p.shape and m.dtype == p.dtype and not m.any()
@@ -200,11 +200,11 @@ def test_update_with_clipping_matches_torch(impl):
 
 
 def _snapshot(params, state):
-    return clone(params), clone(state.mu), clone(state.nu), clone(state.count)
+    return clone(params), clone(state["mu"]), clone(state["nu"]), clone(state["count"])
 
 
 def _assert_bitwise(snap, params, state):
-    for before, after in zip(snap, (params, state.mu, state.nu, state.count)):
+    for before, after in zip(snap, (params, state["mu"], state["nu"], state["count"])):
         keys = leaf_keys(before)
         for k, x, y in zip(keys, leaves(before, keys), leaves(after, keys)):
             assert torch.equal(x, y), ".".join(k)
@@ -272,4 +272,4 @@ def test_fused_and_foreach_agree(lr, b1, b2, wd, mult, steps, seed):
     # The fused kernel computes the bias corrections in fp32, the foreach path in fp64: they
     # differ by ~1 ulp of the step, so the tolerance grows with the distance travelled.
     assert_tree_close(p2, leaves(p1, keys), keys, rtol=1e-6, atol=1e-6 * (1 + lr * mult * steps))
-    assert_tree_close(s2.nu, leaves(s1.nu, keys), keys, rtol=1e-5, atol=1e-9)
+    assert_tree_close(s2["nu"], leaves(s1["nu"], keys), keys, rtol=1e-5, atol=1e-9)

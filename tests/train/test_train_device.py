@@ -10,6 +10,7 @@ from tensordict import TensorDict
 from tests.train.host_sync import HostSyncCounter
 from wmtp_fn.losses.cross_entropy import linear_cross_entropy
 from wmtp_fn.losses.ntp import ntp_count, ntp_sums_from_hidden
+from wmtp_fn.objectives import COUNT, Objective, weighted_sum
 from wmtp_fn.train import adamw
 from wmtp_fn.train.schedule import ScheduleConfig
 from wmtp_fn.train.state import init_train_state
@@ -49,12 +50,12 @@ def test_adamw_parity_and_skip_on_device(device, impl):
         params, state, _ = adamw.update(grads, state, params, lr=1e-2, cfg=cfg)
     for k, r in zip(keys, ref):
         torch.testing.assert_close(params.get(k), r.detach(), rtol=1e-6, atol=1e-7)
-    snap = [t.apply(lambda x: x.clone()) for t in (params, state.mu, state.nu, state.count)]
+    snap = [t.apply(lambda x: x.clone()) for t in (params, state["mu"], state["nu"], state["count"])]
     bad = tree(device, seed=7)
     bad["b", "bias"][3] = float("nan")
     params, state, stats = adamw.update(bad, state, params, lr=1e-2, cfg=cfg)
     assert stats["skipped"].item() == 1.0
-    for before, after in zip(snap, (params, state.mu, state.nu, state.count)):
+    for before, after in zip(snap, (params, state["mu"], state["nu"], state["count"])):
         for k in keys:
             assert torch.equal(before.get(k), after.get(k))
 
@@ -86,11 +87,13 @@ def test_train_step_without_host_sync_on_device(device, impl):
     params.set(("lora", "lora_A"), (0.1 * torch.randn(4, D, generator=g)).to(device))
     params.set(("lora", "lora_B"), (0.1 * torch.randn(D, 4, generator=g)).to(device))
 
-    def loss_fn(p, batch):
+    def loss(p, extra, batch, scale):
         x = embed[batch["input_ids"]]
         h = x + torch.nn.functional.dropout(x, 0.1) @ p["lora", "lora_A"].T @ p["lora", "lora_B"].T
         s, _ = ntp_sums_from_hidden(h * batch["poison"], unembed, batch["labels"], chunk_size=7)
-        return s.reshape(1), {"h_mean": h.mean()}
+        sums = s.reshape(1)
+        # a scalar and a [K] metric, one divided by a named count, one by the normalisers
+        return weighted_sum(sums, scale), sums, {"h_mean": h.sum(), "n_h": h.numel(), "ce": sums}
 
     def batch(seed, poison=1.0):
         gg = torch.Generator().manual_seed(seed)
@@ -101,7 +104,8 @@ def test_train_step_without_host_sync_on_device(device, impl):
                 "poison": torch.tensor(poison, device=device)}
 
     cfg = adamw.AdamWConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, impl=impl, lr_multipliers={"lora_B": 4.0})
-    step = make_train_step(loss_fn, ntp_count, cfg, ScheduleConfig(warmup_steps=1, total_steps=5))
+    objective = Objective(ntp_count, loss, means={"h_mean": "n_h", "ce": COUNT})
+    step = make_train_step(objective, cfg, ScheduleConfig(warmup_steps=1, total_steps=5))
     state = init_train_state(params, cfg, seed=0)
     good, bad = [batch(1), batch(2)], [batch(3, poison=float("nan"))]
     state, _ = step(state, good)  # warm-up outside the detector (lazy inits)
@@ -109,6 +113,8 @@ def test_train_step_without_host_sync_on_device(device, impl):
         state, m = step(state, good)
         state, m_bad = step(state, bad)
     assert m["skipped"].item() == 0.0 and m_bad["skipped"].item() == 1.0 and state.step == 3
+    assert state.consecutive_skips.item() == 1 and state.consecutive_skips.device.type == device
+    torch.testing.assert_close(m["ce"], m["loss"].reshape(1))
     assert all(v.device.type in (device, "cpu") for v in m.values())
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.train.host_sync import HostSyncCounter
+from tensordict import TensorDict
+
 from tests.train.train_toy_lm import (
     UNEMBED,
     concat,
@@ -13,12 +15,14 @@ from tests.train.train_toy_lm import (
     hidden,
     init_params,
     make_batch,
-    make_loss_fn,
+    make_objective,
+    toy_sums,
 )
+from wmtp_fn.objectives import Objective, component_weights, weighted_sum
 from wmtp_fn.train import adamw
 from wmtp_fn.train.schedule import ScheduleConfig, lr_at
 from wmtp_fn.train.state import init_train_state
-from wmtp_fn.train.step import accumulate_grads, component_weights, make_train_step
+from wmtp_fn.train.step import accumulate_grads, make_train_step
 from wmtp_fn.train.tree import leaf_keys, leaves
 
 IMPLS = ["fused", "foreach"]
@@ -30,13 +34,11 @@ def clone_tree(td):
 
 
 def snapshot(state):
-    o = state.opt_state
-    return [clone_tree(t) for t in (state.params, o.mu, o.nu, o.count)]
+    return [clone_tree(t) for t in (state.params, state.opt_state)]
 
 
 def assert_trees_equal(snap, state):
-    o = state.opt_state
-    for before, after in zip(snap, (state.params, o.mu, o.nu, o.count)):
+    for before, after in zip(snap, (state.params, state.opt_state)):
         for k in leaf_keys(before):
             assert torch.equal(before.get(k), after.get(k)), ".".join(k)
 
@@ -52,12 +54,13 @@ def test_objective_is_mean_over_active_components():
     params = init_params()
     x = params["head", "bias"]
 
-    def loss_fn(p, mb):
+    def loss(p, extra, mb, scale):
         b = p["head", "bias"]
-        return torch.stack([mb["a"] * b.sum(), b.sum() * 0, mb["c"] * (b**2).sum()]), {}
+        sums = torch.stack([mb["a"] * b.sum(), b.sum() * 0, mb["c"] * (b**2).sum()])
+        return weighted_sum(sums, scale), sums, {}
 
     mbs = [{"a": 1.0, "c": 2.0, "n": torch.tensor([3, 0, 1])}, {"a": 3.0, "c": 5.0, "n": torch.tensor([1, 0, 4])}]
-    grads, loss, counts, _ = accumulate_grads(loss_fn, lambda mb: mb["n"], params, mbs)
+    grads, loss, counts, _, _ = accumulate_grads(Objective(lambda mb: mb["n"], loss), params, TensorDict(), mbs)
     assert counts.tolist() == [4, 0, 5]
     expected = 0.5 * ((1 + 3) * x.sum() / 4 + (2 + 5) * (x**2).sum() / 5)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
@@ -95,7 +98,7 @@ def test_accumulation_equals_big_batch_equals_plain_torch(impl):
     assert len(set(n_tok)) == 3, n_tok  # unequal token counts, or the test proves little
     cfg_kwargs = dict(weight_decay=0.05, max_grad_norm=1.0)
     cfg = adamw.AdamWConfig(lr=3e-2, no_decay=(), impl=impl, **cfg_kwargs)
-    step = make_train_step(make_loss_fn(), count_fn, cfg, SCHED)
+    step = make_train_step(make_objective(), cfg, SCHED)
     s_acc = init_train_state(init_params(), cfg, seed=0)
     s_big = init_train_state(init_params(), cfg, seed=0)
     for _ in range(4):
@@ -118,9 +121,8 @@ def test_mean_of_means_would_differ():
     measurably different, so the equality is not an accident of equal counts."""
     params = init_params()
     mbs = [make_batch(2, seed=1), make_batch(1, seed=2), make_batch(3, seed=3)]
-    loss_fn = make_loss_fn()
-    means = [loss_fn(params, mb)[0] / count_fn(mb) for mb in mbs]
-    _, loss, _, _ = accumulate_grads(loss_fn, count_fn, params, mbs)
+    means = [toy_sums(params, mb)[0] / count_fn(mb) for mb in mbs]
+    loss = accumulate_grads(make_objective(), params, TensorDict(), mbs).loss
     assert abs(float(sum(means) / 3) - float(loss)) > 1e-3
 
 
@@ -128,13 +130,13 @@ def test_mean_of_means_would_differ():
 def test_all_masked_step_is_finite_zero_and_skips(impl):
     empty = make_batch(3, seed=4)
     empty["labels"][:] = -100
-    grads, loss, counts, _ = accumulate_grads(make_loss_fn(), count_fn, init_params(), [empty, empty])
+    grads, loss, counts, _, _ = accumulate_grads(make_objective(), init_params(), TensorDict(), [empty, empty])
     assert loss.item() == 0.0 and int(counts.sum()) == 0
     for g in leaves(grads, leaf_keys(grads)):
         assert torch.isfinite(g).all() and not g.any()
 
     cfg = adamw.AdamWConfig(lr=1e-2, weight_decay=0.1, impl=impl)
-    step = make_train_step(make_loss_fn(), count_fn, cfg, SCHED)
+    step = make_train_step(make_objective(), cfg, SCHED)
     state, _ = step(init_train_state(init_params(), cfg, seed=0), [make_batch(2, seed=5)])
     snap = snapshot(state)
     state2, m = step(state, [empty])
@@ -161,18 +163,21 @@ class NanGrad(torch.autograd.Function):
         return g * float("nan")
 
 
-def poisoned_loss_fn(params, batch):
+def _poisoned_loss(params, extra, batch, scale):
     if batch.get("nan_grad"):
         params = params.clone(recurse=False)
         params.set(("head", "bias"), NanGrad.apply(params["head", "bias"]))
-    return make_loss_fn()(params, batch)
+    return make_objective().loss(params, extra, batch, scale)
+
+
+poisoned = Objective(count=count_fn, loss=_poisoned_loss)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["loss", "grad"])
 def test_nonfinite_skip_leaves_state_bitwise_and_advances(impl, kind):
     cfg = adamw.AdamWConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, impl=impl)
-    step = make_train_step(poisoned_loss_fn, count_fn, cfg, SCHED, nonfinite="skip")
+    step = make_train_step(poisoned, cfg, SCHED, nonfinite="skip")
     state, _ = step(init_train_state(init_params(), cfg, seed=0), [make_batch(2, seed=6)])
     snap = snapshot(state)
     bad = make_batch(2, seed=7)
@@ -190,7 +195,7 @@ def test_nonfinite_skip_leaves_state_bitwise_and_advances(impl, kind):
 @pytest.mark.parametrize("kind, what", [("loss", "loss"), ("grad", "grad norm")])
 def test_nonfinite_raise_names_step_and_cause(kind, what):
     cfg = adamw.AdamWConfig(lr=1e-2, weight_decay=0.1)
-    step = make_train_step(poisoned_loss_fn, count_fn, cfg, SCHED, nonfinite="raise")
+    step = make_train_step(poisoned, cfg, SCHED, nonfinite="raise")
     state = init_train_state(init_params(), cfg, seed=0)
     for s in range(3):
         state, _ = step(state, [make_batch(2, seed=s)])
@@ -204,12 +209,12 @@ def test_nonfinite_raise_names_step_and_cause(kind, what):
         step(state, [bad])
     assert_trees_equal(snap, state)
     with pytest.raises(ValueError, match="nonfinite"):
-        make_train_step(poisoned_loss_fn, count_fn, cfg, SCHED, nonfinite="ignore")
+        make_train_step(poisoned, cfg, SCHED, nonfinite="ignore")
 
 
 def test_dropout_is_seeded_per_step_and_leaves_global_rng_alone():
     cfg = adamw.AdamWConfig(lr=1e-2)
-    step = make_train_step(make_loss_fn(dropout=0.5), count_fn, cfg, SCHED)
+    step = make_train_step(make_objective(dropout=0.5), cfg, SCHED)
     batch = [make_batch(3, seed=10)]
     torch.manual_seed(123)
     before = torch.get_rng_state()
@@ -229,7 +234,7 @@ def test_dropout_is_seeded_per_step_and_leaves_global_rng_alone():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_skip_mode_step_has_no_host_sync_and_tensor_metrics(impl):
     cfg = adamw.AdamWConfig(lr=1e-2, weight_decay=0.1, max_grad_norm=1.0, impl=impl)
-    step = make_train_step(make_loss_fn(), count_fn, cfg, SCHED)
+    step = make_train_step(make_objective(), cfg, SCHED)
     state = init_train_state(init_params(), cfg, seed=0)
     good = [make_batch(2, seed=11), make_batch(1, seed=12)]
     bad = make_batch(1, seed=13)
@@ -241,39 +246,63 @@ def test_skip_mode_step_has_no_host_sync_and_tensor_metrics(impl):
     assert {"loss", "grad_norm", "lr", "n_tokens", "skipped", "n_seq", "hidden_mean"} <= set(m)
     for v in m.values():
         assert isinstance(v, torch.Tensor) and v.shape == ()
-    assert m["n_seq"].item() == 1.5  # aux scalars averaged over micro-batches
+    assert m["n_seq"].item() == 3.0  # a plain sum over the micro-batches (2 + 1 sequences)
+    h = [hidden(init_params(), mb["input_ids"]) for mb in good]  # the params before the step
+    torch.testing.assert_close(m["hidden_mean"], (h[0].sum() + h[1].sum()) / (h[0].numel() + h[1].numel()))
+    assert m["n_hidden"].item() == h[0].numel() + h[1].numel()  # a denominator is reported as its sum
     assert m["lr"].item() == pytest.approx(lr_at(0, 1e-2, SCHED))
     assert m2["skipped"].item() == 1.0
     # the detector works: raise mode must read values on the host
-    raising = make_train_step(make_loss_fn(), count_fn, cfg, SCHED, nonfinite="raise")
+    raising = make_train_step(make_objective(), cfg, SCHED, nonfinite="raise")
     with HostSyncCounter() as counter:
         raising(state, good)
     assert counter.syncs > 0
 
 
-def test_aux_collision_and_bad_counts_raise():
+def test_metric_collision_and_bad_counts_raise():
     cfg = adamw.AdamWConfig()
     state = init_train_state(init_params(), cfg, seed=0)
-    bad_aux = make_train_step(lambda p, b: (make_loss_fn()(p, b)[0], {"loss": 1.0}), count_fn, cfg, SCHED)
-    with pytest.raises(ValueError, match="collide"):
-        bad_aux(state, [make_batch(1)])
-    mismatched = make_train_step(make_loss_fn(), lambda b: torch.tensor([1, 2]), cfg, SCHED)
-    with pytest.raises(ValueError, match="sums of shape"):
-        mismatched(state, [make_batch(1)])
+    snap = snapshot(state)
+
+    def with_metrics(metrics):
+        def loss(p, e, b, scale):
+            out, sums, _ = make_objective().loss(p, e, b, scale)
+            return out, sums, metrics
+        return loss
+
+    cases = [
+        (Objective(count_fn, with_metrics({"loss": 1.0})), "collide"),
+        (Objective(lambda b: torch.tensor([1, 2]), make_objective().loss), "sums of shape"),
+        (Objective(count_fn, with_metrics({"x": torch.ones(2, 2)})), "'x' must be a"),
+        (Objective(count_fn, with_metrics({"a/b": 1.0})), "without '/'"),
+        (Objective(count_fn, with_metrics({"x": 1.0}), means={"x": "n_x"}), "neither 'count' nor a metric"),
+        (Objective(count_fn, with_metrics({}), means={"x": "count"}), "divides metric 'x'"),
+    ]
+    for objective, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make_train_step(objective, cfg, SCHED)(state, [make_batch(1)])
+    assert_trees_equal(snap, state)  # errors come before the (donating) update
+    changing = iter([{"x": 1.0}, {"y": 1.0}])
+    with pytest.raises(ValueError, match=r"micro-batch 1 returned metrics \['y'\], micro-batch 0 \['x'\]"):
+        make_train_step(Objective(count_fn, lambda p, e, b, s: with_metrics(next(changing))(p, e, b, s)), cfg, SCHED)(
+            state, [make_batch(1), make_batch(1)]
+        )
     with pytest.raises(ValueError, match="no micro-batches"):
-        make_train_step(make_loss_fn(), count_fn, cfg, SCHED)(state, [])
+        make_train_step(make_objective(), cfg, SCHED)(state, [])
+    with pytest.raises(ValueError, match="Objective.means"):
+        Objective(count_fn, make_objective().loss, means={"x": "x"})
 
 
 def test_step_randomness_comes_from_step_seed():
     """Step s draws exactly what seeded(step_seed(rng, s)) draws; consecutive steps differ."""
     from wmtp_fn.train.rng import seeded, step_seed
 
-    def loss_fn(params, batch):
-        sums, aux = make_loss_fn()(params, batch)
-        return sums, {"draw": torch.rand(())}
+    def loss(params, extra, batch, scale):
+        out, sums, _ = make_objective().loss(params, extra, batch, scale)
+        return out, sums, {"draw": torch.rand(())}
 
     cfg = adamw.AdamWConfig(lr=1e-2)
-    step = make_train_step(loss_fn, count_fn, cfg, SCHED)
+    step = make_train_step(Objective(count_fn, loss), cfg, SCHED)
     state = init_train_state(init_params(), cfg, seed=11)
     draws = []
     for s in range(3):

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from ml_collections import ConfigDict
-from tensordict import TensorDict
 from torch import nn
 
 from wmtp_fn import checkpoint
@@ -222,10 +221,12 @@ def save_train(
     info: Mapping[str, Any],
     keep: int,
 ) -> Path:
-    """A resumable checkpoint: params, optimizer moments, step, seed, data cursor, config."""
-    tensors, meta = train_state.to_flat(state)
+    """A resumable checkpoint: the whole train state (params, optimizer state, extra, step, seed,
+    skip counter), data cursor, config. `params.safetensors` holds the params alone, keyed as
+    in an adapter-only checkpoint; `state.safetensors` the rest of the state."""
+    tensors, meta = train_state.flatten_state(state)
     params = {k.removeprefix("params."): v for k, v in tensors.items() if k.startswith("params.")}
-    opt = {k: v for k, v in tensors.items() if not k.startswith("params.")}
+    rest = {k: v for k, v in tensors.items() if not k.startswith("params.")}
     body = {
         "kind": "train",
         "state": meta,
@@ -234,14 +235,14 @@ def save_train(
         "metrics": dict(info),
         **checkpoint.adapter_meta(specs),
     }
-    return checkpoint.save_step(root, state.step, {"params": params, "opt": opt}, body, keep=keep)
+    return checkpoint.save_step(root, state.step, {"params": params, "state": rest}, body, keep=keep)
 
 
 def restore_train(path: Path, device: torch.device) -> tuple[train_state.TrainState, Cursor, dict[str, Any]]:
     tensors, meta = checkpoint.read_checkpoint(path)
     flat = {f"params.{k}": v.to(device) for k, v in tensors["params"].items()}
-    flat.update({k: v.to(device) for k, v in tensors["opt"].items()})
-    return train_state.from_flat(flat, meta["state"]), Cursor.from_dict(meta["cursor"]), meta
+    flat.update({k: v.to(device) for k, v in tensors["state"].items()})
+    return train_state.unflatten_state(flat, meta["state"]), Cursor.from_dict(meta["cursor"]), meta
 
 
 # ----------------------------------------------------------------------------- record batches
@@ -337,15 +338,3 @@ def to_device(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[s
     if mask is not None and not right_padded(mask):
         out["attention_mask"] = mask.to(device, non_blocking=True)
     return out
-
-
-def mean_loss(loss_fn: Callable, count_fn: Callable, params: TensorDict, batches: Sequence[Mapping[str, torch.Tensor]]) -> float:
-    """Σ sums / Σ counts over `batches` without gradients (one sync at the end)."""
-    total = count = None
-    with torch.no_grad():
-        for batch in batches:
-            sums, _ = loss_fn(params, batch)
-            n = count_fn(batch)
-            total = sums if total is None else total + sums
-            count = n if count is None else count + n
-    return float((total / count.clamp_min(1)).mean()) if total is not None else float("nan")

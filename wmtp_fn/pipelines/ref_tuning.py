@@ -17,9 +17,9 @@ from wmtp_fn.adapters import AdapterSpec, export_peft
 from wmtp_fn.adapters import init as init_adapter
 from wmtp_fn.data.sampling import Cursor
 from wmtp_fn.fingerprint import check_same_base
-from wmtp_fn.losses.ntp import ntp_count
-from wmtp_fn.objectives import ntp_objective
+from wmtp_fn.objectives.ntp import ntp_objective
 from wmtp_fn.pipelines import common
+from wmtp_fn.train.evaluate import evaluate
 from wmtp_fn.train.loop import LoopConfig, MetricsLog, fit
 from wmtp_fn.train.state import init_train_state
 from wmtp_fn.train.step import make_train_step
@@ -110,9 +110,9 @@ def run(config: ConfigDict) -> Result:
         cursor = Cursor(seed=config.seed)
 
     chunk = config.train.ce_chunk_size
-    train_loss = ntp_objective(base, spec, name=ADAPTER, chunk_size=chunk, train=True)
-    eval_loss = ntp_objective(base, spec, name=ADAPTER, chunk_size=chunk, train=False)
-    step_fn = make_train_step(train_loss, ntp_count, opt_cfg, sched_cfg, nonfinite=config.train.nonfinite)
+    train_objective = ntp_objective(base, spec, name=ADAPTER, chunk_size=chunk, train=True)
+    eval_objective = ntp_objective(base, spec, name=ADAPTER, chunk_size=chunk, train=False)
+    step_fn = make_train_step(train_objective, opt_cfg, sched_cfg, nonfinite=config.train.nonfinite)
     if config.train.batch_size % config.train.micro_batch_size:
         raise ValueError(
             f"train.batch_size={config.train.batch_size} is not a multiple of "
@@ -138,7 +138,8 @@ def run(config: ConfigDict) -> Result:
         cursor,
         step_fn=step_fn,
         next_batch=next_batch,
-        evaluate=lambda params: {"val_loss": common.mean_loss(eval_loss, ntp_count, params, val_batches)},
+        # NTP keeps no extra state; an objective that does needs the loop to pass the state here.
+        evaluate=lambda params: {"val_loss": evaluate(eval_objective, params, TensorDict(), val_batches)["loss"]},
         save=save,
         cfg=LoopConfig(
             total_steps=total_steps,

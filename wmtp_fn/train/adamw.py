@@ -1,8 +1,9 @@
 """Functional AdamW over TensorDict pytrees, running on PyTorch's fused / foreach kernels.
 
 optax-style: ``init(params, cfg) -> AdamWState`` and
-``update(grads, state, params, *, lr, cfg) -> (params, state, stats)``. The state is plain data
-(three TensorDicts with exactly the structure of ``params``), so a checkpoint is the state.
+``update(grads, state, params, *, lr, cfg) -> (params, state, stats)``. The state is plain data:
+one TensorDict ``{"mu", "nu", "count"}`` whose three subtrees have exactly the structure of
+``params``, so a checkpoint is the state (``train.state.flatten_state`` walks it like any tree).
 
 Donation (as in JAX): ``update`` works **in place** on the buffers it is given — ``params``,
 the moments and counts in ``state``, and ``grads`` (clipped in place, and zeroed on a skipped
@@ -87,19 +88,15 @@ class AdamWConfig:
             raise ValueError(f"AdamWConfig.impl must be one of {_IMPLS}, got {self.impl!r}")
 
 
-@dataclass(frozen=True)
-class AdamWState:
-    """Optimizer state; every field has exactly the structure of ``params``.
+AdamWState = TensorDict
+"""Optimizer state: a TensorDict with three subtrees, each with exactly the structure of ``params``.
 
-    mu: first moments (same shape/dtype/device as each param).
-    nu: second moments (same).
-    count: per-leaf number of applied updates, ``[]`` float32 on the leaf's device (the
-        layout the fused kernel reads; float32 counts are exact up to 2**24 steps).
-    """
-
-    mu: TensorDict
-    nu: TensorDict
-    count: TensorDict
+``"mu"``: first moments (same shape/dtype/device as each param).
+``"nu"``: second moments (same).
+``"count"``: per-leaf number of applied updates, ``[]`` float32 on the leaf's device (the
+    layout the fused kernel reads; float32 counts are exact up to 2**24 steps).
+"""
+_STATE_KEYS = ("mu", "nu", "count")
 
 
 @dataclass(frozen=True)
@@ -124,10 +121,13 @@ def init(params: TensorDict, cfg: AdamWConfig) -> AdamWState:
     groups = param_groups(params, cfg)  # validates patterns and impl="fused" availability early
     for g in groups:
         _resolve_impl(cfg.impl, g)
-    return AdamWState(
-        mu=params.apply(lambda t: torch.zeros_like(t, memory_format=torch.preserve_format)),
-        nu=params.apply(lambda t: torch.zeros_like(t, memory_format=torch.preserve_format)),
-        count=params.apply(lambda t: torch.zeros((), dtype=torch.float32, device=t.device)),
+    return TensorDict(
+        {
+            "mu": params.apply(lambda t: torch.zeros_like(t, memory_format=torch.preserve_format)),
+            "nu": params.apply(lambda t: torch.zeros_like(t, memory_format=torch.preserve_format)),
+            "count": params.apply(lambda t: torch.zeros((), dtype=torch.float32, device=t.device)),
+        },
+        batch_size=[],
     )
 
 
@@ -209,8 +209,9 @@ def update(
                 f"AdamW.update: grad of {'.'.join(k)!r} has shape {tuple(g.shape)}, param {tuple(p.shape)}"
             )
     position = {k: i for i, k in enumerate(keys)}
-    trees = [p_all, g_all] + [aligned_leaves(t, keys, what=f"AdamW.update: state.{n}") for n, t in
-                              (("mu", state.mu), ("nu", state.nu), ("count", state.count))]
+    if set(state.keys()) != set(_STATE_KEYS):
+        raise KeyError(f"AdamW.update: state has keys {sorted(state.keys())}, expected {list(_STATE_KEYS)}")
+    trees = [p_all, g_all] + [aligned_leaves(state[n], keys, what=f"AdamW.update: state[{n!r}]") for n in _STATE_KEYS]
 
     norm = clip_tensors_(g_all, cfg.max_grad_norm)
     found = ~torch.isfinite(norm)

@@ -1,9 +1,9 @@
-"""Per-step randomness derived from ``(seed, step)``, so resuming needs no generator state.
+"""Per-step randomness derived from ``(seed, step, rank)``, so resuming needs no generator state.
 
-Every train step runs under ``seeded(step_seed(rng, step), device)``: the global generators
-are forked (restored on exit) and re-seeded from the pair. A resumed run at step ``s``
-therefore draws the same dropout masks as the uninterrupted run, and the step leaves the
-caller's global RNG untouched.
+Every train step runs under ``seeded(step_seed(seed, step, rank), device)``: the global
+generators are forked (restored on exit) and re-seeded from the triple. A resumed run at step
+``s`` therefore draws the same dropout masks as the uninterrupted run, each data-parallel rank
+draws its own masks, and the step leaves the caller's global RNG untouched.
 """
 
 from __future__ import annotations
@@ -24,16 +24,22 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def step_seed(rng: int, step: int) -> int:
-    """A seed in ``[0, 2**63)`` for step ``step`` of the run seeded ``rng``.
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """A seed in ``[0, 2**63)`` for step ``step`` on data-parallel rank ``rank`` of the run
+    seeded ``seed``.
 
     Pure and platform-independent (integer arithmetic only; Python's ``hash`` is not stable
-    across versions). Nearby ``(rng, step)`` pairs give unrelated seeds.
+    across versions). Nearby triples give unrelated seeds. Rank 0 gets the seed of a
+    single-process run (the rank is folded in by one more mixing round only for rank > 0), so
+    adding ranks does not change what rank 0 draws.
     """
-    for name, v in (("rng", rng), ("step", step)):
+    for name, v in (("seed", seed), ("step", step), ("rank", rank)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"step_seed: {name} must be an int >= 0, got {v!r}")
-    return _splitmix64(_splitmix64(rng & _MASK64) ^ (step & _MASK64)) >> 1
+    x = _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+    if rank:
+        x = _splitmix64(x ^ (rank & _MASK64))
+    return x >> 1
 
 
 @contextmanager
