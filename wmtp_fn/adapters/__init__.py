@@ -5,7 +5,7 @@
     logits = apply(base, adapter, spec, input_ids=ids).logits
 """
 
-from wmtp_fn.adapters.lora import apply, bind, expected_shapes, from_flat, init, target_paths, to_flat, validate
+from wmtp_fn.adapters.lora import apply, bind, bound, expected_shapes, from_flat, init, target_paths, to_flat, validate
 from wmtp_fn.adapters.merge import delta_weights, export_merged, merge, unmerge, weight_norms
 from wmtp_fn.adapters.peft_io import export_peft, import_peft
 from wmtp_fn.adapters.slots import LoRASlot, install_slots, lora_delta, slot_paths
@@ -18,6 +18,7 @@ __all__ = [
     "TARGETS",
     "apply",
     "bind",
+    "bound",
     "delta_weights",
     "expected_shapes",
     "export_merged",

@@ -12,13 +12,15 @@ An adapter is a `TensorDict` nested by module path with fp32 master leaves
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 import re
 
 import torch
 from tensordict import TensorDict
 from torch import nn
 
-from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, slot_paths
+from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, filled, slot_paths
 from wmtp_fn.adapters.spec import AdapterSpec
 from wmtp_fn.fingerprint import check_same_base, fingerprint
 
@@ -184,6 +186,31 @@ def apply(
     binding = bind(adapter, spec, dtype=dtype or next(iter(slots.values())).weight.dtype, train=train)
     check_bindable(module, binding, slots)
     return torch.func.functional_call(module, binding, args, kwargs, strict=False)
+
+
+@contextmanager
+def bound(
+    module: nn.Module, adapter: TensorDict, spec: AdapterSpec, *, train: bool = False, dtype: torch.dtype | None = None
+) -> Iterator[None]:
+    """Bind `adapter` into `module`'s slots for a block of calls (a generation loop, the heads
+    of an MTP step), restoring the empty slots on exit, also on an exception. `apply` is the
+    one-call form. The binding (cast, scaled, dropout set) is made once for the block, so every
+    call inside shares it and gradients flow back to the master leaves from all of them.
+
+        with bound(base, adapter, spec):
+            for _ in range(n):
+                logits = base(ids).logits
+    """
+    slots = slot_paths(module)
+    if not slots:
+        raise ValueError(f"{type(module).__name__} has no LoRA slots; call install_slots first")
+    busy = next((p for p, s in slots.items() if s.lora_A is not None), None)
+    if busy is not None:
+        raise RuntimeError(f"slot {busy!r} already has an adapter bound; `bound` blocks do not nest")
+    binding = bind(adapter, spec, dtype=dtype or next(iter(slots.values())).weight.dtype, train=train)
+    check_bindable(module, binding, slots)
+    with filled(slots, binding):
+        yield
 
 
 def check_bindable(

@@ -9,6 +9,9 @@ them for one call. Unbound, a slot computes exactly `F.linear(x, weight, bias)`,
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,3 +108,21 @@ def install_slots(
 def slot_paths(model: nn.Module) -> dict[str, LoRASlot]:
     """Module path → slot, in module order."""
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRASlot)}
+
+
+@contextmanager
+def filled(slots: Mapping[str, LoRASlot], binding: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """Put `binding` (`{"<slot path>.<leaf>": tensor}`) into the slots for the duration of the
+    block, then restore what was there, also on an exception. Used to bind an adapter once for a
+    block of calls (`adapters.bound`) and to re-bind a checkpointed layer for its recomputation."""
+    saved = []
+    try:
+        for key, t in binding.items():
+            path, _, name = key.rpartition(".")
+            slot = slots[path]
+            saved.append((slot, name, slot._buffers[name]))
+            slot._buffers[name] = t
+        yield
+    finally:
+        for slot, name, old in reversed(saved):
+            slot._buffers[name] = old

@@ -12,14 +12,12 @@ layer's slots at forward time and binds them again for the recomputation.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
-from wmtp_fn.adapters.slots import SLOT_TENSORS, slot_paths
+from wmtp_fn.adapters.slots import SLOT_TENSORS, filled, slot_paths
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -93,7 +91,7 @@ def _checkpointed_forward(layer: nn.Module):
     slots = slot_paths(layer)
 
     def run(bound: dict[str, torch.Tensor], *args, **kwargs):
-        with _rebound(slots, bound):
+        with filled(slots, bound):
             return layer._wmtp_forward(*args, **kwargs)
 
     def checkpointed(*args, **kwargs):
@@ -123,20 +121,3 @@ def _without_cache(kwargs: dict) -> dict:
 
 
 _CACHE_ARGS = ("past_key_value", "past_key_values", "cache")
-
-
-@contextmanager
-def _rebound(slots: dict[str, nn.Module], bound: dict[str, torch.Tensor]):
-    """Put `bound` tensors into the slots for the duration (the forward pass already has them;
-    the recomputation in backward needs them put back), then restore what was there."""
-    saved = []
-    for key, t in bound.items():
-        path, _, name = key.rpartition(".")
-        slot = slots[path]
-        saved.append((slot, name, slot._buffers[name]))
-        slot._buffers[name] = t
-    try:
-        yield
-    finally:
-        for slot, name, old in reversed(saved):
-            slot._buffers[name] = old
