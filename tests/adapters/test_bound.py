@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tests.adapters.helpers import randomize
-from wmtp_fn.adapters import AdapterSpec, apply, bound, init
+from wmtp_fn.adapters import AdapterSpec, apply, bound, init, install_slots
+from wmtp_fn.models.base import load_base
 
 
 def test_bound_equals_apply_and_unbinds(base, batch):
@@ -21,9 +22,11 @@ def test_bound_equals_apply_and_unbinds(base, batch):
     assert all(s.lora_A is None and s.lora_B is None for s in base.modules() if hasattr(s, "lora_A"))
 
 
-def test_gradients_from_every_call_of_the_block_reach_the_masters(base, batch):
+def test_gradients_from_every_call_of_the_block_reach_the_masters(tiny_dir, batch):
+    base = load_base(tiny_dir, dtype=torch.float64)  # (HF norms still round to fp32 inside)
+    install_slots(base)
     adapter, spec = init(base, AdapterSpec(rank=2), seed=0)
-    adapter = randomize(adapter, seed=4)
+    adapter = randomize(adapter, seed=4).apply(lambda t: t.double())
     leaves = adapter.apply(lambda t: t.detach().requires_grad_())
     with bound(base, leaves, spec):
         loss = base(**batch).logits.square().mean() + 2 * base(**batch).logits.square().mean()
@@ -31,7 +34,7 @@ def test_gradients_from_every_call_of_the_block_reach_the_masters(base, batch):
     ref = adapter.apply(lambda t: t.detach().requires_grad_())
     (3 * apply(base, ref, spec, **batch).logits.square().mean()).backward()
     for (k, a), (_, b) in zip(leaves.items(True, True), ref.items(True, True)):
-        assert (a.grad - b.grad).norm() <= 1e-4 * b.grad.norm(), (k, float((a.grad - b.grad).norm() / b.grad.norm()))
+        assert (a.grad - b.grad).norm() <= 1e-5 * b.grad.norm(), (k, float((a.grad - b.grad).norm() / b.grad.norm()))
 
 
 def test_unbinds_after_an_exception_and_refuses_nesting(base, batch):
