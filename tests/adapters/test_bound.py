@@ -32,9 +32,9 @@ def test_gradients_from_every_call_of_the_block_reach_the_masters(tiny_dir, batc
         loss = base(**batch).logits.square().mean() + 2 * base(**batch).logits.square().mean()
     loss.backward()  # after the block: the graph kept the bound tensors
     ref = adapter.apply(lambda t: t.detach().requires_grad_())
-    (3 * apply(base, ref, spec, **batch).logits.square().mean()).backward()
+    (apply(base, ref, spec, **batch).logits.square().mean() + 2 * apply(base, ref, spec, **batch).logits.square().mean()).backward()
     for (k, a), (_, b) in zip(leaves.items(True, True), ref.items(True, True)):
-        assert (a.grad - b.grad).norm() <= 1e-5 * b.grad.norm(), (k, float((a.grad - b.grad).norm() / b.grad.norm()))
+        assert a.grad is not None and torch.equal(a.grad, b.grad), k  # the same graph, bound once
 
 
 def test_unbinds_after_an_exception_and_refuses_nesting(base, batch):
