@@ -139,8 +139,9 @@ def test_help_lists_the_experiments_with_their_descriptions(capsys):
     assert "bench" not in capsys.readouterr().out  # experiments/bench/ holds scripts, not configs
 
 
-def test_help_of_a_config_prints_its_keys_defaults_and_comments(capsys):
-    assert main(["--config", str(CONFIG), "--config.train.steps=7", "--help"]) == 0
+def test_help_of_a_config_prints_its_keys_defaults_and_comments(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the experiment is found by name next to the package too
+    assert main(["--config", "ref_tuning", "--config.train.steps=7", "--help"]) == 0
     lines = capsys.readouterr().out.splitlines()
     source = CONFIG.read_text()
     steps = next(x for x in lines if x.strip().startswith("train.steps ="))

@@ -154,7 +154,7 @@ def fit(
                 _evaluate(evaluate, state, log, hist)
             while state.step < cfg.total_steps:
                 if stop.signum is not None:
-                    if pending:  # every step's metrics are in the log, the rerun starts a new row
+                    if pending:  # log the steps since the last row, so none is lost
                         _log_row(_to_host(pending), state.step, time.perf_counter() - t_log, log, hist, bar)
                     if saved_step != state.step:
                         save(state, cursor, _info(hist))
