@@ -1,3 +1,3 @@
 from wmtp_fn.run import main
 
-main()
+raise SystemExit(main())

@@ -26,3 +26,24 @@ class BaseModelError(WmtpError, ValueError):
 
 class CheckpointError(WmtpError, ValueError):
     """A checkpoint or run directory that cannot be read, or does not belong to this run."""
+
+
+class NonFiniteError(WmtpError, FloatingPointError):
+    """Training stopped: too many steps in a row had a non-finite loss or gradient."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM (a KeyboardInterrupt, so `except Exception` does not
+    swallow it). `step` is the step whose checkpoint was written, or None when a second signal
+    aborted at once (the last checkpoint on disk stays the resume point). The entry point prints
+    the message and exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int, step: int | None = None):
+        self.signum = signum
+        self.step = step
+        self.exit_code = 128 + signum
+        if step is None:
+            msg = "aborted by a second signal; the last checkpoint is kept; rerun the same command to resume from it"
+        else:
+            msg = f"interrupted at step {step}; checkpoint written; rerun the same command to resume"
+        super().__init__(msg)

@@ -1,10 +1,10 @@
-"""Prompt templates, asserted character for character against REFERENCE.md."""
+"""Prompt templates, asserted character for character against docs/data.md."""
 
 import pytest
 
 from wmtp_fn.data.template import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, render_prompt
 
-# Copied verbatim from REFERENCE.md §Data (the JSON-style escapes there are real newlines).
+# Copied verbatim from docs/data.md, "Prompt templates" (its line breaks are the "\n" here).
 REF_WITH_INPUT = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 REF_NO_INPUT = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 

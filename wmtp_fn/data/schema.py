@@ -1,6 +1,6 @@
 """The record schema: one JSON line of a dataset, validated into a frozen ``Record``.
 
-A record (REFERENCE.md §Data)::
+A record (docs/data.md)::
 
     problem_id: str    non-empty
     instruction: str   non-empty (the problem statement / prompt)

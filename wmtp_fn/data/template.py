@@ -1,4 +1,4 @@
-"""Prompt rendering: the Alpaca templates of REFERENCE.md, or the tokenizer's chat template."""
+"""Prompt rendering: the Alpaca templates of docs/data.md, or the tokenizer's chat template."""
 
 from __future__ import annotations
 

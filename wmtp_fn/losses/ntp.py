@@ -1,4 +1,4 @@
-"""Next-token-prediction loss as unnormalised sums (REFERENCE.md, "NTP loss").
+"""Next-token-prediction loss as unnormalised sums (docs/losses.md, "NTP").
 
 Position ``t`` predicts ``labels[:, t+1]``; ``labels == -100`` carries no loss. The functions
 return ``(sum of per-token NLL, number of valid targets)`` so that the train step can

@@ -17,6 +17,8 @@ from ml_collections import ConfigDict
 from torch import nn
 
 from wmtp_fn import checkpoint
+from wmtp_fn.atomic import atomic_write_text
+from wmtp_fn.config import flat_config
 from wmtp_fn.adapters import AdapterSpec, install_slots
 from wmtp_fn.data.collate import collate
 from wmtp_fn.data.embedded import embedded_dataset_path, embedded_tokenizer_path
@@ -24,6 +26,7 @@ from wmtp_fn.data.encode import encode_many
 from wmtp_fn.data.index import Index, build_index, check_fresh, read_many, subset
 from wmtp_fn.data.sampling import Cursor, next_batch, sample_by_difficulty
 from wmtp_fn.data.split import split_problems
+from wmtp_fn.errors import ConfigError
 from wmtp_fn.models.base import build_base, load_base, tiny_llama_config
 from wmtp_fn.models.layers import checkpoint_layers, compile_layers
 from wmtp_fn.models.llama import right_padded
@@ -33,9 +36,9 @@ from wmtp_fn.train.schedule import ScheduleConfig
 
 # Config keys that may change between a run and its resumption. They do not change the math,
 # except train.steps, which may grow only while the schedule's horizon stays put (see
-# `schedule_horizon`; the check is separate).
+# `schedule_horizon`; the check is separate). out_dir: a run directory may be moved.
 RESUMABLE_CHANGES = (
-    "train.steps", "schedule.total_steps", "train.resume", "train.log_every", "train.eval_every",
+    "out_dir", "train.steps", "schedule.total_steps", "train.resume", "train.log_every", "train.eval_every",
     "train.save_every", "train.keep",
 )
 
@@ -54,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"config.device is {name!r} but no CUDA device is available")
+        raise ConfigError(f"device is {name!r} but no CUDA device is available")
     return device
 
 
@@ -62,61 +65,56 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"config.dtype is {name!r}; expected auto, float32, bfloat16 or float16")
+        raise ConfigError(f"dtype is {name!r}; expected auto, float32, bfloat16 or float16")
     return getattr(torch, name)
 
 
-def flat_config(config: ConfigDict) -> dict[str, Any]:
-    """`{"a.b": value}` of a config, for diffs and logs."""
-    out = {}
-
-    def walk(prefix: str, node: Any) -> None:
-        if isinstance(node, (ConfigDict, Mapping)):
-            for k in node.keys():
-                walk(f"{prefix}.{k}" if prefix else k, node[k])
-        else:
-            out[prefix] = list(node) if isinstance(node, tuple) else node
-
-    walk("", config)
-    return out
-
-
 def start_run(config: ConfigDict) -> tuple[Path, Path | None]:
-    """Create `out_dir`, save the resolved config, and find the checkpoint to resume from.
+    """Find the checkpoint to resume from, then create `out_dir` and save the resolved config.
 
     With `train.resume="auto"`, an existing run in `out_dir` is continued only if its config
-    matches (up to `RESUMABLE_CHANGES`); otherwise it is an error, so nothing is overwritten.
+    matches (up to `RESUMABLE_CHANGES`); otherwise it is a `ConfigError` and nothing is written.
+    Call it after the inputs are validated: it is the first thing that writes.
     """
+    found = resume_point(config)
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.json", json.dumps(flat_config(config), indent=2, sort_keys=True) + "\n")
+    return out_dir, found
+
+
+def resume_point(config: ConfigDict) -> Path | None:
+    """The latest checkpoint of the run in `out_dir` if this config may continue it, None for a
+    new run; a `ConfigError` if `out_dir` holds a run this config must not touch. Reads only."""
+    if config.train.resume not in ("auto", "never"):
+        raise ConfigError(f"train.resume is {config.train.resume!r}; expected 'auto' or 'never'")
     out_dir = Path(config.out_dir)
     ckpt_root = out_dir / "checkpoints"
     found = checkpoint.latest(ckpt_root) if ckpt_root.exists() else None
-    if found is not None:
-        if config.train.resume == "never":
-            raise FileExistsError(
-                f"{out_dir} already holds a run (latest checkpoint {found.name}); choose another "
-                "--config.out_dir, or resume it with --config.train.resume=auto"
-            )
-        _, meta = checkpoint.read_checkpoint(found)
-        old, new = meta.get("config", {}), flat_config(config)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-        if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
-            raise ValueError(
-                f"{out_dir} holds a run with another config ({shown}); choose another --config.out_dir "
-                "or use the same settings to resume"
-            )
-        if schedule_horizon(old) != schedule_horizon(new):
-            raise ValueError(
-                f"{out_dir}: resuming with train.steps={new['train.steps']} would move the learning-rate "
-                f"schedule's horizon from step {schedule_horizon(old)} to {schedule_horizon(new)} mid-run; to train "
-                f"further on the old schedule (its final rate from step {schedule_horizon(old)} on), add "
-                f"--config.schedule.total_steps={schedule_horizon(old)}"
-            )
-    elif config.train.resume not in ("auto", "never"):
-        raise ValueError(f"config.train.resume is {config.train.resume!r}; expected 'auto' or 'never'")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_text(out_dir / "config.json", json.dumps(flat_config(config), indent=2, sort_keys=True) + "\n")
-    return out_dir, found
+    if found is None:
+        return None
+    if config.train.resume == "never":
+        raise ConfigError(
+            f"{out_dir} already holds a run (latest checkpoint {found.name}); choose another "
+            "--config.out_dir, or resume it with --config.train.resume=auto"
+        )
+    _, meta = checkpoint.read_checkpoint(found)
+    old, new = meta.get("config", {}), flat_config(config)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:6])
+        raise ConfigError(
+            f"{out_dir} holds a run with another config ({shown}); choose another --config.out_dir "
+            "or use the same settings to resume"
+        )
+    if schedule_horizon(old) != schedule_horizon(new):
+        raise ConfigError(
+            f"{out_dir}: resuming with train.steps={new['train.steps']} would move the learning-rate "
+            f"schedule's horizon from step {schedule_horizon(old)} to {schedule_horizon(new)} mid-run; to train "
+            f"further on the old schedule (its final rate from step {schedule_horizon(old)} on), add "
+            f"--config.schedule.total_steps={schedule_horizon(old)}"
+        )
+    return found
 
 
 # ----------------------------------------------------------------------------- base, tokenizer
@@ -125,10 +123,16 @@ def start_run(config: ConfigDict) -> tuple[Path, Path | None]:
 def load_tokenizer(data_cfg: ConfigDict, base_path: str):
     from transformers import AutoTokenizer
 
+    key = "data.tokenizer" if data_cfg.tokenizer else "base.path"
     path = data_cfg.tokenizer or base_path or str(embedded_tokenizer_path())
-    tok = AutoTokenizer.from_pretrained(path)
+    if not Path(path).is_dir():
+        raise ConfigError(f"{key}: {path!r} is not a directory (expected a tokenizer or HuggingFace model directory)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: cannot load a tokenizer from {path!r} ({str(e).splitlines()[0]})") from e
     if tok.eos_token_id is None:
-        raise ValueError(f"tokenizer at {path} has no EOS token; the NTP target ends with EOS")
+        raise ConfigError(f"{key}: the tokenizer at {path!r} has no EOS token; the NTP target ends with EOS")
     if tok.pad_token_id is None:  # LLaMA tokenizers have none; padding is masked anyway
         tok.pad_token = tok.eos_token
     return tok
@@ -260,11 +264,11 @@ class RecordSet:
 
 
 def ntp_record_sets(data_cfg: ConfigDict, seed: int) -> tuple[RecordSet, RecordSet]:
-    """Train and validation records by difficulty sampling (REFERENCE.md §Data)."""
+    """Train and validation records by difficulty sampling (docs/data.md, "Sampling")."""
     train_path = data_cfg.train_path or str(embedded_dataset_path())
-    index = build_index(train_path)
+    index = build_index(_input_file(train_path, "data.train_path"))
     if data_cfg.val_path:
-        train_index, val_index = index, build_index(data_cfg.val_path)
+        train_index, val_index = index, build_index(_input_file(data_cfg.val_path, "data.val_path"))
     else:
         train_ids, val_ids = split_problems(index, data_cfg.val_fraction, seed)
         train_index, val_index = subset(index, train_ids), subset(index, val_ids)
@@ -280,6 +284,12 @@ def ntp_record_sets(data_cfg: ConfigDict, seed: int) -> tuple[RecordSet, RecordS
         return RecordSet(idx, tuple(offsets))
 
     return draw(train_index, data_cfg.n_samples), draw(val_index, data_cfg.val_n_samples)
+
+
+def _input_file(path: str, key: str) -> str:
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: {path!r} is not a file (expected a JSONL file of records, see docs/data.md)")
+    return path
 
 
 def _count_in_bins(index: Index, bins: Mapping[str, Sequence[int]], *, correct: bool) -> int:

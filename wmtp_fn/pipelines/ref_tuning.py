@@ -13,10 +13,14 @@ from ml_collections import ConfigDict
 from tensordict import TensorDict
 
 from wmtp_fn import checkpoint
+from wmtp_fn.adapters.seeds_io import save_hf_lora
+from wmtp_fn.atomic import atomic_dir
 from wmtp_fn.adapters import AdapterSpec, export_peft
 from wmtp_fn.adapters import init as init_adapter
 from wmtp_fn.data.sampling import Cursor
+from wmtp_fn.errors import ConfigError
 from wmtp_fn.fingerprint import check_same_base
+from wmtp_fn.models.base import check_base_dir
 from wmtp_fn.objectives.ntp import ntp_objective
 from wmtp_fn.pipelines import common
 from wmtp_fn.train.evaluate import evaluate
@@ -36,13 +40,13 @@ def export(out_dir: Path, state, cursor: Cursor, spec: AdapterSpec, config: Conf
     meta = {"config": flat_cfg, "metrics": dict(metrics), "base_model_path": base_path, "step": state.step}
     checkpoint.save_params(adapter_dir, state.params, {ADAPTER: spec}, meta=meta)
     if config.export.hf_lora:
-        checkpoint.save_hf_lora(
+        save_hf_lora(
             out_dir / "adapter.hf_lora.pt", state.params[ADAPTER], spec, base_model_path=base_path,
             epoch=cursor.epoch + cursor.position / n_train, train_metrics={"loss": metrics.get("train_loss")},
             val_metrics={"loss": metrics.get("val_loss")}, config=flat_cfg,
         )
     if config.export.peft:
-        with checkpoint.atomic_dir(out_dir / "peft") as tmp:
+        with atomic_dir(out_dir / "peft") as tmp:
             export_peft(state.params[ADAPTER], spec, tmp, base_model_name_or_path=base_path)
     return adapter_dir
 
@@ -70,22 +74,28 @@ class Result:
 
 
 def run(config: ConfigDict) -> Result:
-    out_dir, resume_from = common.start_run(config)
+    # Everything that can be wrong with the inputs is found before anything is written.
     device = common.resolve_device(config.device)
     dtype = common.resolve_dtype(config.dtype, device)
-    torch.manual_seed(config.seed)
-
+    if config.train.batch_size % config.train.micro_batch_size:
+        raise ConfigError(
+            f"train.batch_size={config.train.batch_size} is not a multiple of "
+            f"train.micro_batch_size={config.train.micro_batch_size}"
+        )
+    if config.base.path:
+        check_base_dir(config.base.path, key="base.path")
     tokenizer = common.load_tokenizer(config.data, config.base.path)
-    base, base_path = common.load_frozen_base(config.base, tokenizer, out_dir, device, dtype)
-    common.prepare_base(base, config.base, config.lora.targets)
     train_set, val_set = common.ntp_record_sets(config.data, config.seed)
     skipped: list = []
-    val_batches = [
-        common.to_device(mb, device)
-        for mb in common.encoded_batches(
-            val_set, range(len(val_set)), tokenizer, config.data, micro_batch_size=config.train.micro_batch_size, skipped=skipped
-        )
-    ]
+    val_cpu = common.encoded_batches(
+        val_set, range(len(val_set)), tokenizer, config.data, micro_batch_size=config.train.micro_batch_size, skipped=skipped
+    )
+    out_dir, resume_from = common.start_run(config)
+    torch.manual_seed(config.seed)
+
+    base, base_path = common.load_frozen_base(config.base, tokenizer, out_dir, device, dtype)
+    common.prepare_base(base, config.base, config.lora.targets)
+    val_batches = [common.to_device(mb, device) for mb in val_cpu]
 
     total_steps = config.train.steps
     horizon = common.schedule_horizon(common.flat_config(config))
@@ -113,11 +123,6 @@ def run(config: ConfigDict) -> Result:
     train_objective = ntp_objective(base, spec, name=ADAPTER, chunk_size=chunk, train=True)
     eval_objective = ntp_objective(base, spec, name=ADAPTER, chunk_size=chunk, train=False)
     step_fn = make_train_step(train_objective, opt_cfg, sched_cfg, nonfinite=config.train.nonfinite)
-    if config.train.batch_size % config.train.micro_batch_size:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} is not a multiple of "
-            f"train.micro_batch_size={config.train.micro_batch_size}"
-        )
     next_batch = common.batch_stream(
         train_set, tokenizer, config.data, batch_size=config.train.batch_size,
         micro_batch_size=config.train.micro_batch_size, device=device, skipped=skipped,
@@ -160,7 +165,8 @@ def run(config: ConfigDict) -> Result:
     last = final["val_loss"] if final["val_loss"] is not None else float("nan")
     print(
         f"ref_tuning done: step {state.step}/{total_steps}, val_loss {first:.4f} -> {last:.4f}, "
-        f"{hist.tokens:,} tokens in {hist.seconds:.1f}s ({hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s), "
+        f"{hist.tokens:,} tokens in {hist.seconds:.1f}s{f' since step {hist.start_step}' if hist.start_step else ''} "
+        f"({hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s), "
         f"{hist.skipped} skipped steps; adapter -> {adapter_dir}"
     )
     return Result(out_dir, adapter_dir, first, last, state.step)

@@ -2,20 +2,36 @@
 
 Everything numerical happens in `step_fn`; this loop only decides *when* to evaluate, log and
 save, and reads metrics back from the device at log points (so the step itself never syncs).
+
+Stopping: the first SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) lets the current step
+finish, saves a checkpoint of it and raises `Interrupted`; a second one aborts at once (the
+optimizer updates buffers in place, so a half-done step is never saved).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from wmtp_fn.atomic import atomic_write_text
+from wmtp_fn.errors import CheckpointError, Interrupted, NonFiniteError
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Metrics that are not averaged over a log interval: counters are summed, point values are the
+# interval's last.
+_SUMMED = ("n_tokens", "skipped")
+_LAST = ("lr", "grad_norm")
 
 
 @dataclass(frozen=True)
@@ -34,8 +50,11 @@ class LoopConfig:
 
 @dataclass
 class History:
-    """What the loop saw, for the summary line and for tests."""
+    """What the run saw, for the summary line and for tests. The losses and skips cover the
+    whole run (a resumed run reads the earlier ones back from the metrics log); `tokens` and
+    `seconds` are this process's, from `start_step` on."""
 
+    start_step: int = 0
     train_loss: list[tuple[int, float]] = field(default_factory=list)
     val_loss: list[tuple[int, float]] = field(default_factory=list)
     tokens: int = 0
@@ -54,6 +73,55 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def rewind(self, step: int) -> list[dict[str, Any]]:
+        """Drop the rows a run continuing from `step` writes again, atomically, and return the
+        rows kept: those up to `step`, or none when it starts at step 0 (which is evaluated
+        again). A torn last line (the process was killed while writing it) is dropped too."""
+        if not self.path.is_file():
+            return []
+        lines = self.path.read_text().splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i < len(lines):
+                    raise CheckpointError(f"{self.path}:{i}: not a JSON metrics row") from None
+        kept = [r for r in rows if r["step"] <= step] if step > 0 else []
+        if len(kept) != len(lines):
+            atomic_write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        return kept
+
+
+@dataclass
+class StopRequest:
+    """Set by the first stop signal; the loop reads it between steps."""
+
+    signum: int | None = None
+
+
+@contextmanager
+def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[StopRequest]:
+    """While inside: the first of `signals` only sets the yielded request's `signum`; a second
+    raises `Interrupted(signum)` wherever the program is. The previous handlers come back on
+    exit. Outside the main thread (where Python cannot install handlers) nothing changes."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request.signum is not None:
+            raise Interrupted(signum)
+        request.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
 
 def fit(
     state,
@@ -70,74 +138,123 @@ def fit(
     """Run `step_fn` from `state.step` to `cfg.total_steps`.
 
     next_batch(cursor) -> (micro_batches, cursor); evaluate(params) -> {"val_loss": …};
-    save(state, cursor, info) writes a checkpoint. Ctrl-C saves a checkpoint of the last
-    completed step before re-raising, so an interrupted run resumes where it stopped.
+    save(state, cursor, info) writes a checkpoint. The metrics log is first rewound to
+    `state.step` (a resumed run logs no row twice). On a stop signal (see `stop_on_signals`)
+    the finished step is saved and `Interrupted` raised.
     """
-    hist = History()
-    if evaluate is not None and state.step == 0:
-        _evaluate(evaluate, state, log, hist)
-    pending: list[dict[str, torch.Tensor]] = []
+    hist = _history(log.rewind(state.step), start_step=state.step)
+    pending: list[Mapping[str, torch.Tensor]] = []  # metrics of the steps since the last row
     consecutive_skips = 0
+    saved_step = None  # no second save of a step already on disk
+    t_start = t_log = time.perf_counter()
     bar = tqdm(total=cfg.total_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=1.0)
-    t_log, tokens_since = time.perf_counter(), 0
-    t_start = t_log
-    in_step = False
-    saved_step = None  # no second save of a step already on disk (e.g. on Ctrl-C right after one)
     try:
-        while state.step < cfg.total_steps:
-            micro_batches, next_cursor = next_batch(cursor)
-            in_step = True  # the optimizer updates buffers in place: a half-done step is not saved
-            state, metrics = step_fn(state, micro_batches)
-            in_step = False
-            cursor = next_cursor
-            pending.append(metrics)
-            bar.update(1)
-            step = state.step
-            if step % cfg.log_every == 0 or step == cfg.total_steps:
-                rows = [{k: float(v) for k, v in m.items()} for m in pending]  # the one sync per interval
-                pending.clear()
-                now = time.perf_counter()
-                n_tok = int(sum(r.get("n_tokens", 0) for r in rows))
-                tokens_since += n_tok
-                hist.tokens += n_tok
-                for r in rows:
-                    skipped = r.get("skipped", 0) > 0
-                    hist.skipped += skipped
-                    consecutive_skips = consecutive_skips + 1 if skipped else 0
-                if consecutive_skips >= cfg.max_consecutive_skips:
-                    raise FloatingPointError(
-                        f"{consecutive_skips} consecutive steps up to step {step} had a non-finite loss or "
-                        "gradient and were skipped; stopping (lower the learning rate or check the data)"
-                    )
-                good = [r for r in rows if not r.get("skipped", 0)]
-                loss = sum(r["loss"] for r in good) / len(good) if good else math.nan
-                tps = tokens_since / max(now - t_log, 1e-9)
-                record = {"step": step, "loss": loss, "tokens_per_s": tps, "skipped": sum(r.get("skipped", 0) for r in rows)}
-                for key in ("grad_norm", "lr"):
-                    if key in rows[-1]:
-                        record[key] = rows[-1][key]
-                log.write(record)
-                hist.train_loss.append((step, loss))
-                bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-                t_log, tokens_since = now, 0
-            last = step == cfg.total_steps
-            if evaluate is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+        with stop_on_signals() as stop:
+            if evaluate is not None and state.step == 0:
                 _evaluate(evaluate, state, log, hist)
-            if last or (cfg.save_every and step % cfg.save_every == 0):
-                save(state, cursor, _info(hist))
-                saved_step = step
-    except KeyboardInterrupt:
-        bar.close()
-        if in_step:
-            print("\ninterrupted inside a step: keeping the last saved checkpoint; run again to resume from it")
-        elif saved_step != state.step:
-            save(state, cursor, _info(hist))
-            print(f"\ninterrupted: saved a checkpoint at step {state.step}; run again to resume")
-        raise
+            while state.step < cfg.total_steps:
+                if stop.signum is not None:
+                    if pending:  # log the steps since the last row, so none is lost
+                        _log_row(_to_host(pending), state.step, time.perf_counter() - t_log, log, hist, bar)
+                    if saved_step != state.step:
+                        save(state, cursor, _info(hist))
+                    raise Interrupted(stop.signum, state.step)
+                micro_batches, cursor = next_batch(cursor)
+                state, metrics = step_fn(state, micro_batches)
+                pending.append(metrics)
+                bar.update(1)
+                step = state.step
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    rows = _to_host(pending)  # the one sync per interval
+                    pending.clear()
+                    for r in rows:
+                        consecutive_skips = consecutive_skips + 1 if r.get("skipped", 0) > 0 else 0
+                    if consecutive_skips >= cfg.max_consecutive_skips:
+                        raise NonFiniteError(
+                            f"{consecutive_skips} consecutive steps up to step {step} had a non-finite loss or "
+                            "gradient and were skipped; stopping (lower the learning rate or check the data)"
+                        )
+                    now = time.perf_counter()
+                    _log_row(rows, step, now - t_log, log, hist, bar)
+                    t_log = now
+                last = step == cfg.total_steps
+                if evaluate is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    _evaluate(evaluate, state, log, hist)
+                if last or (cfg.save_every and step % cfg.save_every == 0):
+                    save(state, cursor, _info(hist))
+                    saved_step = step
     finally:
         bar.close()
         hist.seconds = time.perf_counter() - t_start
     return state, cursor, hist
+
+
+def _log_row(rows: Sequence[Mapping[str, float]], step: int, seconds: float, log: MetricsLog, hist: History, bar) -> None:
+    """Write the row of the steps up to `step` (their metrics `rows`, taking `seconds`)."""
+    n_tok = int(sum(r.get("n_tokens", 0) for r in rows))
+    hist.tokens += n_tok
+    hist.skipped += sum(r.get("skipped", 0) > 0 for r in rows)
+    record = {"step": step, "tokens_per_s": n_tok / max(seconds, 1e-9), **_interval(rows)}
+    log.write(record)
+    hist.train_loss.append((step, record["loss"]))
+    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+
+
+def _to_host(pending: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """Per-step metric dicts -> plain floats, with one device-to-host copy per device.
+    A `[]` metric keeps its name; a `[K]` one becomes `name/0 … name/K-1`."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    layout = []  # (row, name, device, start, numel, is_vector)
+    offsets: dict[torch.device, int] = {}
+    for i, metrics in enumerate(pending):
+        for name, value in metrics.items():
+            t = torch.as_tensor(value).detach()
+            flat = t.reshape(-1).double()
+            by_device.setdefault(t.device, []).append(flat)
+            start = offsets.get(t.device, 0)
+            offsets[t.device] = start + flat.numel()
+            layout.append((i, name, t.device, start, flat.numel(), t.dim() > 0))
+    host = {d: torch.cat(ts).tolist() for d, ts in by_device.items()}
+    rows: list[dict[str, float]] = [{} for _ in pending]
+    for i, name, device, start, n, vector in layout:
+        values = host[device][start : start + n]
+        if vector:
+            rows[i].update({f"{name}/{k}": v for k, v in enumerate(values)})
+        else:
+            rows[i][name] = values[0]
+    return rows
+
+
+def _interval(rows: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """One log record of the steps since the last: counters summed, `lr`/`grad_norm` from the last
+    step, every other metric averaged over the steps that were not skipped (`loss` is NaN when
+    all were)."""
+    good = [r for r in rows if not r.get("skipped", 0)]
+    out: dict[str, float] = {"loss": math.nan}
+    for name in dict.fromkeys(k for r in rows for k in r):
+        if name == "n_tokens":
+            continue  # summed into tokens_per_s
+        if name in _SUMMED:
+            out[name] = sum(r.get(name, 0) for r in rows)
+        elif name in _LAST:
+            out[name] = rows[-1][name]
+        else:
+            values = [r[name] for r in good if name in r]
+            if values:
+                out[name] = sum(values) / len(values)
+    return out
+
+
+def _history(rows: Sequence[Mapping[str, Any]], *, start_step: int) -> History:
+    """The History of the rows already logged by earlier processes of this run."""
+    hist = History(start_step=start_step)
+    for r in rows:
+        if "loss" in r:
+            hist.train_loss.append((r["step"], r["loss"]))
+            hist.skipped += int(r.get("skipped", 0))
+        if "val_loss" in r:
+            hist.val_loss.append((r["step"], r["val_loss"]))
+    return hist
 
 
 def _evaluate(evaluate, state, log: MetricsLog, hist: History) -> None:
