@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wmtp_fn.checkpoint import atomic_file
+from wmtp_fn.atomic import atomic_file
 from wmtp_fn.eval.passk import (
     DEFAULT_CONFIDENCE,
     DEFAULT_KS,

@@ -154,7 +154,7 @@ def convert_meta(src: str | Path, out: str | Path, *, dtype: torch.dtype | None 
 
 def export_meta(model: MTPLlama, out: str | Path) -> Path:
     """An MTP base -> Meta's release format (`params.json` + `consolidated.pth`)."""
-    from wmtp_fn.checkpoint import atomic_dir
+    from wmtp_fn.atomic import atomic_dir
 
     c = model.config
     params = {
@@ -222,7 +222,7 @@ def read_seeds_policy(path: str | Path, config, *, trusted: bool = False):
 def save_seeds_policy(path: str | Path, flat_adapter: Mapping[str, torch.Tensor], spec, config, **meta) -> Path:
     """Write an adapter on the MTP base in the seeds' policy format (for the old tooling):
     Meta names and q/k layout, with the full spec (targets and dropout too) in `lora_config`."""
-    from wmtp_fn.checkpoint import atomic_file
+    from wmtp_fn.atomic import atomic_file
 
     obj = {
         "checkpoint_type": "lora",

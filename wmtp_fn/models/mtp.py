@@ -147,7 +147,7 @@ def save_mtp(model: MTPLlama, path) -> None:
 
     from safetensors.torch import save_file
 
-    from wmtp_fn.checkpoint import atomic_dir
+    from wmtp_fn.atomic import atomic_dir
 
     with atomic_dir(Path(path)) as tmp:
         model.config.to_json_file(str(tmp / "config.json"))

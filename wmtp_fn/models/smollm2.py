@@ -53,7 +53,7 @@ def materialise(out_dir: str | Path | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from wmtp_fn.checkpoint import atomic_dir
+    from wmtp_fn.atomic import atomic_dir
 
     out = Path(out_dir) if out_dir else default_dir()
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
