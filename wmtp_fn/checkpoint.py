@@ -102,25 +102,54 @@ def latest(root: Path) -> Path | None:
 # ----------------------------------------------------------------------------- adapters
 
 
-def adapter_meta(specs: Mapping[str, AdapterSpec]) -> dict[str, Any]:
-    return {"adapters": {name: spec.to_dict() for name, spec in specs.items()}}
+Spec = Any  # AdapterSpec | models.value_head.ValueHeadSpec: each knows its to_dict/from_dict
+
+
+def _kind_of(spec: Spec) -> str:
+    if isinstance(spec, AdapterSpec):
+        return "lora"
+    from wmtp_fn.models.value_head import ValueHeadSpec
+
+    if isinstance(spec, ValueHeadSpec):
+        return "value_head"
+    raise TypeError(f"no checkpoint kind for a {type(spec).__name__} spec")
+
+
+def subtree_meta(specs: Mapping[str, Spec]) -> dict[str, Any]:
+    """The spec of every subtree of a trainable pytree, tagged with its kind, for `meta.json`:
+    `{"subtrees": {"policy": {"kind": "lora", "spec": {...}}, "value_head": {"kind": "value_head", ...}}}`."""
+    return {"subtrees": {name: {"kind": _kind_of(spec), "spec": spec.to_dict()} for name, spec in specs.items()}}
+
+
+def specs_from_meta(meta: Mapping[str, Any], where: str = "checkpoint") -> dict[str, Spec]:
+    """Inverse of `subtree_meta` (also reads the untagged `adapters` of older checkpoints)."""
+    from wmtp_fn.models.value_head import ValueHeadSpec
+
+    readers = {"lora": AdapterSpec.from_dict, "value_head": ValueHeadSpec.from_dict}
+    if "subtrees" not in meta:
+        return {name: AdapterSpec.from_dict(d) for name, d in meta.get("adapters", {}).items()}
+    out = {}
+    for name, entry in meta["subtrees"].items():
+        if entry.get("kind") not in readers:
+            raise CheckpointError(f"{where}: subtree {name!r} has kind {entry.get('kind')!r}; expected one of {sorted(readers)}")
+        out[name] = readers[entry["kind"]](entry["spec"])
+    return out
 
 
 def save_params(
-    path: Path, params: TensorDict, specs: Mapping[str, AdapterSpec], *, meta: Mapping[str, Any] | None = None
+    path: Path, params: TensorDict, specs: Mapping[str, Spec], *, meta: Mapping[str, Any] | None = None
 ) -> Path:
     """An adapter-only checkpoint: the trainable pytree (one or more adapters, value head…)
     as `params.safetensors`, each adapter's spec (with its base fingerprint) in `meta.json`."""
-    body = {"kind": "params", **adapter_meta(specs), **(meta or {})}
+    body = {"kind": "params", **subtree_meta(specs), **(meta or {})}
     return write_checkpoint(path, {"params": to_flat(params)}, body)
 
 
-def load_params(path: Path) -> tuple[TensorDict, dict[str, AdapterSpec], dict[str, Any]]:
+def load_params(path: Path) -> tuple[TensorDict, dict[str, Spec], dict[str, Any]]:
     tensors, meta = read_checkpoint(path)
     if "params" not in tensors:
         raise CheckpointError(f"{path}: checkpoint has no params.safetensors")
-    specs = {name: AdapterSpec.from_dict(d) for name, d in meta.get("adapters", {}).items()}
-    return from_flat(tensors["params"]), specs, meta
+    return from_flat(tensors["params"]), specs_from_meta(meta, str(path)), meta
 
 
 def load_adapter(path: Path, name: str = "lora", model: nn.Module | None = None) -> tuple[TensorDict, AdapterSpec]:
@@ -134,6 +163,35 @@ def load_adapter(path: Path, name: str = "lora", model: nn.Module | None = None)
         validate(adapter, specs[name], model)
         adapter = adapter.to(next(model.parameters()).device)
     return adapter, specs[name]
+
+
+# ----------------------------------------------------------------------------- run checkpoints
+
+
+def save_run(root: Path, state, cursor, *, specs: Mapping[str, Spec], config: Mapping[str, Any],
+             info: Mapping[str, Any], keep: int | None) -> Path:
+    """A resumable checkpoint: the whole train state (params, optimizer state, extra, step, seed,
+    skip counter), the data cursor, the flat config. `params.safetensors` holds the params
+    alone, keyed as in an adapter-only checkpoint; `state.safetensors` the rest of the state."""
+    from wmtp_fn.train.state import flatten_state
+
+    tensors, meta = flatten_state(state)
+    params = {k.removeprefix("params."): v for k, v in tensors.items() if k.startswith("params.")}
+    rest = {k: v for k, v in tensors.items() if not k.startswith("params.")}
+    body = {"kind": "train", "state": meta, "cursor": cursor.to_dict(), "config": dict(config),
+            "metrics": dict(info), **subtree_meta(specs)}
+    return save_step(root, state.step, {"params": params, "state": rest}, body, keep=keep)
+
+
+def restore_run(path: Path, device: torch.device):
+    """Inverse of `save_run`: `(state on device, cursor, meta)`."""
+    from wmtp_fn.data.sampling import Cursor
+    from wmtp_fn.train.state import unflatten_state
+
+    tensors, meta = read_checkpoint(path)
+    flat = {f"params.{k}": v.to(device) for k, v in tensors["params"].items()}
+    flat.update({k: v.to(device) for k, v in tensors["state"].items()})
+    return unflatten_state(flat, meta["state"]), Cursor.from_dict(meta["cursor"]), meta
 
 
 def _json_default(obj):

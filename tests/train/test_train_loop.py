@@ -17,6 +17,7 @@ from wmtp_fn.train.loop import LoopConfig, MetricsLog, fit
 class State:
     step: int
     params: float = 0.0
+    consecutive_skips: int = 0  # as train.state.TrainState keeps it
 
 
 def fake_step(losses, skipped=()):
@@ -24,7 +25,8 @@ def fake_step(losses, skipped=()):
         s = state.step
         metrics = {"loss": torch.tensor(losses[s]), "n_tokens": torch.tensor(10.0),
                    "skipped": torch.tensor(1.0 if s in skipped else 0.0), "lr": torch.tensor(0.1)}
-        return replace(state, step=s + 1, params=state.params + 1), metrics
+        run = state.consecutive_skips + 1 if s in skipped else 0
+        return replace(state, step=s + 1, params=state.params + 1, consecutive_skips=run), metrics
     return step
 
 
@@ -35,7 +37,7 @@ def run(tmp_path, cfg, step_fn, next_batch=None, saves=None, evals=None, start=0
         State(start, float(start)), start,
         step_fn=step_fn,
         next_batch=next_batch or (lambda c: ([c], c + 1)),
-        evaluate=lambda params: evals.append(params) or {"val_loss": 1.0 / (1 + params)},
+        evaluate=lambda st: evals.append(st.params) or {"val_loss": 1.0 / (1 + st.params)},
         save=lambda st, cur, info: saves.append((st.step, cur, info)),
         cfg=cfg,
         log=MetricsLog(tmp_path / "m.jsonl"),

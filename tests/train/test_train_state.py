@@ -6,13 +6,12 @@ from dataclasses import replace
 
 import pytest
 import torch
-from ml_collections import ConfigDict
 from tensordict import TensorDict
 
 from tests.train.host_sync import HostSyncCounter
 from tests.train.train_toy_lm import init_extra, init_params, make_batch, make_objective, make_stateful_objective
 from wmtp_fn.data.sampling import Cursor
-from wmtp_fn.pipelines.common import restore_train, save_train
+from wmtp_fn.checkpoint import restore_run, save_run
 from wmtp_fn.train import adamw
 from wmtp_fn.train.rng import _splitmix64, seeded, step_seed
 from wmtp_fn.train.schedule import ScheduleConfig
@@ -209,22 +208,22 @@ def test_resume_is_bitwise_identical():
 
 
 def test_resume_through_a_checkpoint_is_bitwise_identical(tmp_path):
-    """The same through pipelines.common.save_train / restore_train (safetensors + JSON on disk)."""
+    """The same through checkpoint.save_run / restore_run (safetensors + JSON on disk)."""
     straight, _ = straight_run()
     batches = run_batches()
     state, step = trained_state(0)
     for b in batches[:2]:
         state, _ = step(state, b)
-    path = save_train(tmp_path, state, Cursor(seed=0), specs={}, config=ConfigDict(), info={}, keep=2)
+    path = save_run(tmp_path, state, Cursor(seed=0), specs={}, config={}, info={}, keep=2)
     del state
-    resumed, cursor, meta = restore_train(path, torch.device("cpu"))
+    resumed, cursor, meta = restore_run(path, torch.device("cpu"))
     assert int(resumed.consecutive_skips) == 1 and resumed.extra["stats", "tokens_seen"].dtype == torch.float64
     assert meta["state"]["step"] == 2 and cursor == Cursor(seed=0)
     for b in batches[2:]:
         resumed, _ = step(resumed, b)
     assert_states_equal(straight, resumed)
     # the extra state is really threaded: a run that forgets it (fresh extra on resume) differs
-    forgetful, _ = restore_train(path, torch.device("cpu"))[:2]
+    forgetful, _ = restore_run(path, torch.device("cpu"))[:2]
     forgetful = replace(forgetful, extra=init_extra())
     for b in batches[2:]:
         forgetful, _ = step(forgetful, b)

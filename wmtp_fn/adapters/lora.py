@@ -63,15 +63,26 @@ def expected_shapes(model: nn.Module, spec: AdapterSpec) -> dict[str, tuple[int,
     return shapes
 
 
+def module_and_fingerprint(model) -> tuple[nn.Module, dict[str, str]]:
+    """A base record (`models.base.Base`: `.module`, `.fingerprint` computed once at load) or a
+    bare module (fingerprinted now, for notebooks) -> `(module, fingerprint)`. Duck-typed, so
+    adapters need not import models."""
+    if isinstance(model, nn.Module):
+        return model, fingerprint(model)
+    return model.module, model.fingerprint
+
+
 def init(
-    model: nn.Module, spec: AdapterSpec, *, seed: int = 0, device: torch.device | str | None = None
+    model, spec: AdapterSpec, *, seed: int = 0, device: torch.device | str | None = None
 ) -> tuple[TensorDict, AdapterSpec]:
-    """A fresh adapter for `model`: A Kaiming-uniform (a=√5), B zeros, DoRA magnitude = ‖W‖_row.
+    """A fresh adapter for `model` (a base record or a module): A Kaiming-uniform (a=√5), B
+    zeros, DoRA magnitude = ‖W‖_row.
 
     Returns the fp32 adapter and `spec` with the base fingerprint filled in. Initialisation runs
     on the CPU from `seed`, so the same seed gives the same adapter on any device.
     """
-    spec = spec.replace(base_fingerprint=fingerprint(model))
+    model, base_fingerprint = module_and_fingerprint(model)
+    spec = spec.replace(base_fingerprint=base_fingerprint)
     gen = torch.Generator().manual_seed(seed)
     slots = slot_paths(model)
     flat = {}
@@ -100,14 +111,17 @@ def to_flat(adapter: TensorDict) -> dict[str, torch.Tensor]:
     }
 
 
-def validate(adapter: TensorDict, spec: AdapterSpec, model: nn.Module, *, check_base: bool = True) -> None:
+def validate(adapter: TensorDict, spec: AdapterSpec, model, *, check_base: bool = True) -> None:
     """Strict check that `adapter` fits `model`: same keys, same shapes, same base.
 
     Raises ValueError naming the first missing / unexpected key, or the key with both shapes,
     or both base fingerprints.
     """
     if check_base:
-        check_same_base(spec.base_fingerprint, fingerprint(model))
+        model, base_fingerprint = module_and_fingerprint(model)
+        check_same_base(spec.base_fingerprint, base_fingerprint)
+    elif not isinstance(model, nn.Module):
+        model = model.module
     want = expected_shapes(model, spec)
     have = {k: tuple(v.shape) for k, v in to_flat(adapter).items()}
     missing = [k for k in want if k not in have]

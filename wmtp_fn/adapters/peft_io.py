@@ -18,9 +18,8 @@ from safetensors.torch import load_file, save_file
 from tensordict import TensorDict
 from torch import nn
 
-from wmtp_fn.adapters.lora import from_flat, to_flat, validate
+from wmtp_fn.adapters.lora import from_flat, module_and_fingerprint, to_flat, validate
 from wmtp_fn.adapters.spec import AdapterSpec, resolve_targets
-from wmtp_fn.fingerprint import fingerprint
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -85,7 +84,7 @@ def export_peft(
     return out_dir
 
 
-def import_peft(src_dir: str | Path, model: nn.Module | None = None) -> tuple[TensorDict, AdapterSpec]:
+def import_peft(src_dir: str | Path, model=None) -> tuple[TensorDict, AdapterSpec]:
     """Read a PEFT LoRA directory into an fp32 adapter TensorDict and its spec.
 
     With `model` (a slotted base), the adapter is strictly validated against it and the spec
@@ -121,9 +120,10 @@ def import_peft(src_dir: str | Path, model: nn.Module | None = None) -> tuple[Te
     )
     adapter = from_flat(flat)
     if model is not None:
-        spec = spec.replace(base_fingerprint=fingerprint(model))
+        module, base_fingerprint = module_and_fingerprint(model)
+        spec = spec.replace(base_fingerprint=base_fingerprint)
         validate(adapter, spec, model)
-        adapter = adapter.to(next(model.parameters()).device)
+        adapter = adapter.to(next(module.parameters()).device)
     return adapter, spec
 
 

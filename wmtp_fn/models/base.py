@@ -161,3 +161,23 @@ def check_base_dir(path: str | Path, *, key: str = "base.path") -> dict:
             f"Llama-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)}, and the MTP format)"
         )
     return cfg
+
+
+def embedded_base_dir(out_dir: str | Path, tokenizer, *, hidden_size: int, layers: int) -> Path:
+    """The embedded demo's base: a tiny random Llama (fixed seed, sized to `tokenizer`) written
+    once to `out_dir/base` with `save_pretrained`, so it loads through the real loading code."""
+    path = Path(out_dir) / "base"
+    if not (path / "config.json").is_file():
+        cfg = tiny_llama_config(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=int(hidden_size * 8 / 3 + 63) // 64 * 64,
+            num_hidden_layers=layers,
+            num_attention_heads=max(1, hidden_size // 32),
+            num_key_value_heads=max(1, hidden_size // 64),
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        build_base(cfg, seed=0).save_pretrained(path)
+    return path

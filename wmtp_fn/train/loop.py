@@ -137,14 +137,15 @@ def fit(
 ) -> tuple[Any, Any, History]:
     """Run `step_fn` from `state.step` to `cfg.total_steps`.
 
-    next_batch(cursor) -> (micro_batches, cursor); evaluate(params) -> {"val_loss": …};
+    next_batch(cursor) -> (micro_batches, cursor); evaluate(state) -> {"val_loss": …} (the state,
+    since an objective may read its `extra`); the state's `consecutive_skips` (kept on device by
+    the step) stops the run after `cfg.max_consecutive_skips`;
     save(state, cursor, info) writes a checkpoint. The metrics log is first rewound to
     `state.step` (a resumed run logs no row twice). On a stop signal (see `stop_on_signals`)
     the finished step is saved and `Interrupted` raised.
     """
     hist = _history(log.rewind(state.step), start_step=state.step)
     pending: list[Mapping[str, torch.Tensor]] = []  # metrics of the steps since the last row
-    consecutive_skips = 0
     saved_step = None  # no second save of a step already on disk
     t_start = t_log = time.perf_counter()
     bar = tqdm(total=cfg.total_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=1.0)
@@ -167,8 +168,7 @@ def fit(
                 if step % cfg.log_every == 0 or step == cfg.total_steps:
                     rows = _to_host(pending)  # the one sync per interval
                     pending.clear()
-                    for r in rows:
-                        consecutive_skips = consecutive_skips + 1 if r.get("skipped", 0) > 0 else 0
+                    consecutive_skips = int(state.consecutive_skips)  # kept in the state: a resume remembers it
                     if consecutive_skips >= cfg.max_consecutive_skips:
                         raise NonFiniteError(
                             f"{consecutive_skips} consecutive steps up to step {step} had a non-finite loss or "
@@ -258,7 +258,7 @@ def _history(rows: Sequence[Mapping[str, Any]], *, start_step: int) -> History:
 
 
 def _evaluate(evaluate, state, log: MetricsLog, hist: History) -> None:
-    metrics = dict(evaluate(state.params))
+    metrics = dict(evaluate(state))
     log.write({"step": state.step, **metrics})
     if "val_loss" in metrics:
         hist.val_loss.append((state.step, metrics["val_loss"]))
