@@ -25,7 +25,7 @@ from ml_collections import ConfigDict
 from wmtp_fn.config import apply_override, describe, load_config
 from wmtp_fn.errors import ConfigError, Interrupted, WmtpError
 
-PIPELINES = ("ref_tuning",)
+PIPELINES = ("ref_tuning", "baseline")
 
 USAGE = """\
 usage: python -m wmtp_fn --config CONFIG [--config.KEY=VALUE ...] [--debug]

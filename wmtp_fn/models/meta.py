@@ -219,14 +219,14 @@ def read_seeds_policy(path: str | Path, config, *, trusted: bool = False):
     return meta_to_hf_state(flat, config), spec, meta
 
 
-def save_seeds_policy(path: str | Path, flat_adapter: Mapping[str, torch.Tensor], spec, config, **meta) -> Path:
+def save_seeds_policy(path: str | Path, flat_adapter: Mapping[str, torch.Tensor], spec, model_config, **meta) -> Path:
     """Write an adapter on the MTP base in the seeds' policy format (for the old tooling):
     Meta names and q/k layout, with the full spec (targets and dropout too) in `lora_config`."""
     from wmtp_fn.atomic import atomic_file
 
     obj = {
         "checkpoint_type": "lora",
-        "lora_state_dict": {k: v.detach().cpu() for k, v in hf_to_meta_state(dict(flat_adapter), config).items()},
+        "lora_state_dict": {k: v.detach().cpu() for k, v in hf_to_meta_state(dict(flat_adapter), model_config).items()},
         "extra_heads_state_dict": {}, "value_head_state_dict": {},
         "lora_config": {"rank": spec.rank, "alpha": float(spec.alpha), "dropout": float(spec.dropout),
                         "target_modules": [k for k, v in _META_NAMES.items() if v in spec.targets]},
