@@ -307,10 +307,14 @@ def test_control_modes(setup):
             assert torch.equal(got, want)  # each sequence keeps its multiset of weights
 
     attended = prepared_weights(setup, TDConfig(control="shuffled", shuffle_scope="attended"), mbs)
+    moved_to_prompt = False
     for s, c, m in zip(attended, critic, masks):
         scope = torch.flip(torch.cummax(torch.flip(m.int(), [1]), 1).values, [1]).bool()  # up to the last response token
         for got, want in zip(sorted_rows(s, scope), sorted_rows(c, scope)):
             assert torch.equal(got, want)
+        assert bool((s[~scope] == 0).all())
+        moved_to_prompt |= bool((s[scope & ~m] != 0).any())
+    assert moved_to_prompt  # the seeds' scope moves response weights onto the prompt
 
     for mode in ("uniform", "random", "shuffled"):  # every mode trains
         got = accumulate_grads(objective(setup, td=TDConfig(control=mode)), setup[1], initial_extra(), mbs)

@@ -61,7 +61,7 @@ from wmtp_fn.losses.ntp import IGNORE_INDEX
 from wmtp_fn.models.llama import HiddenStates
 from wmtp_fn.models.mtp import MTPLlama
 from wmtp_fn.models.value_head import ValueHeadSpec, check_value_head, value_head
-from wmtp_fn.objectives import COUNT, Batch, Objective, weighted_sum
+from wmtp_fn.objectives import Batch, Objective, weighted_sum
 
 ADAPTER = "critic"  # params[ADAPTER]: the critic adapter (absent with use_lora = false)
 HEAD = "value_head"  # params[HEAD]: the value head's parameters
@@ -138,11 +138,6 @@ def _halves(batch: Batch) -> tuple[Batch, Batch]:
     if len(set(shapes.values())) != 1 or len(shapes["pos.input_ids"]) != 2:
         raise ValueError(f"critic micro-batch: pos and neg input_ids and labels must all be [P, T] with one P and T, got {shapes}")
     return pos, neg
-
-
-def pair_count(batch: Batch) -> int:
-    """``P``, the number of pairs of a critic micro-batch."""
-    return int(_halves(batch)[0]["input_ids"].shape[0])
 
 
 def _joint_mask(pos: Batch, neg: Batch) -> Tensor | None:
