@@ -239,13 +239,22 @@ def td_weights(
 
 
 def validation_td_weights(
-    adv: Tensor, mask: Tensor, *, beta: float = 1.0, w_min: float = 0.1, w_max: float = 3.0
+    adv: Tensor,
+    mask: Tensor,
+    *,
+    sums: Tensor | None = None,
+    beta: float = 1.0,
+    w_min: float = 0.1,
+    w_max: float = 3.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validation weights whitened with the batch's own ``(μ, σ)``, σ unbiased; a batch with at
-    most one valid token gets ``w = m``. Returns ``(w [B, T], μ [], σ [])``."""
-    mean, std = moments(whitening_sums(adv, mask), unbiased=True)
+    most one valid token gets ``w = m``. ``sums``: the batch's ``whitening_sums`` when it spans
+    more than ``adv`` (all micro-batches and ranks of an evaluation batch); default those of
+    ``adv`` itself. Returns ``(w [B, T], μ [], σ [])``."""
+    sums = whitening_sums(adv, mask) if sums is None else sums
+    mean, std = moments(sums, unbiased=True)
     w = td_weights(adv, mask, mean, std, beta=beta, w_min=w_min, w_max=w_max)
-    few = mask.bool().sum() <= 1
+    few = sums[2] <= 1
     return torch.where(few, mask.to(w.dtype), w), mean, std
 
 
