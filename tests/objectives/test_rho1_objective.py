@@ -212,6 +212,16 @@ def test_a_separate_reference_base_equals_the_shared_head_0(setup):
     assert torch.equal(a.metrics["selected"], b.metrics["selected"]) and rel_err(a.loss, b.loss) < 1e-6
 
 
+def test_the_reference_runs_without_dropout(setup):
+    base, _, _, reference, _ = setup
+    noisy = Reference(reference.adapter, reference.spec.replace(dropout=0.5))
+    mb = micro_batches()[0]
+    clean = reference_nll_fn(base, reference)(mb)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        assert torch.equal(reference_nll_fn(base, noisy)(mb), clean)
+
+
 def test_a_separate_reference_with_another_vocabulary_is_refused(setup):
     base, _, spec, _, _ = setup
     other = build_base(tiny_llama_config(vocab_size=96), seed=3)
