@@ -40,7 +40,7 @@ from wmtp_fn.models.layers import checkpoint_layers, compile_layers  # noqa: E40
 from wmtp_fn.objectives import Objective, weighted_sum  # noqa: E402
 from wmtp_fn.objectives.ntp import ntp_objective  # noqa: E402
 from wmtp_fn.train import adamw  # noqa: E402
-from wmtp_fn.train.schedule import ScheduleConfig  # noqa: E402
+from wmtp_fn.schedule import ScheduleConfig  # noqa: E402
 from wmtp_fn.train.state import init_train_state  # noqa: E402
 from wmtp_fn.train.step import accumulate_grads, make_train_step  # noqa: E402
 

@@ -6,7 +6,7 @@
 naive:      logits [B, T, H, V] from all heads, fp32 cross-entropy per head, one backward.
 sequential: trunk once; per head: forward on the detached trunk output, chunked CE from the
             hidden states (no logits held), backward into the head's adapter and the trunk
-            cotangent; then one trunk backward (`train.detached`).
+            cotangent; then one trunk backward (`objectives.detached`).
 ntp:        the plain Llama (trunk + head 0 = the same layers), chunked CE.
 Each variant: a fresh random-weight bf16 base, LoRA on all 7 linears of trunk and heads, fused
 AdamW on the fp32 masters; median ms/step over blocks timed with CUDA events after warm-up;
@@ -34,7 +34,7 @@ from wmtp_fn.adapters import init as init_adapter  # noqa: E402
 from wmtp_fn.losses.cross_entropy import linear_cross_entropy  # noqa: E402
 from wmtp_fn.models.base import freeze  # noqa: E402
 from wmtp_fn.models.mtp import MTPLlama, mtp_config  # noqa: E402
-from wmtp_fn.train.detached import backward_through_detached  # noqa: E402
+from wmtp_fn.objectives.detached import backward_through_detached  # noqa: E402
 
 SHAPES = {
     "sheared-2.7b": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=20,

@@ -26,7 +26,7 @@ from wmtp_fn.objectives.critic import (
     value_model,
 )
 from wmtp_fn.train import adamw
-from wmtp_fn.train.schedule import ScheduleConfig
+from wmtp_fn.schedule import ScheduleConfig
 from wmtp_fn.train.state import init_train_state
 from wmtp_fn.train.step import accumulate_grads, make_train_step, run_prepare
 from wmtp_fn.dist.comm import LOCAL

@@ -24,7 +24,7 @@ from wmtp_fn.objectives.verifiable import TDConfig, initial_extra, verifiable_ob
 from wmtp_fn.train import adamw
 from wmtp_fn.train.evaluate import evaluate
 from wmtp_fn.train.rng import seeded
-from wmtp_fn.train.schedule import ScheduleConfig
+from wmtp_fn.schedule import ScheduleConfig
 from wmtp_fn.train.state import flatten_state, init_train_state, unflatten_state
 from wmtp_fn.train.step import accumulate_grads, make_train_step, run_prepare
 

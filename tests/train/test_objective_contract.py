@@ -12,7 +12,7 @@ from tests.train.train_toy_lm import D, UNEMBED, concat, hidden, init_extra, ini
 from wmtp_fn.objectives import COUNT, Objective, weighted_sum
 from wmtp_fn.train import adamw
 from wmtp_fn.train.evaluate import evaluate
-from wmtp_fn.train.schedule import ScheduleConfig
+from wmtp_fn.schedule import ScheduleConfig
 from wmtp_fn.train.state import init_train_state
 from wmtp_fn.train.step import accumulate_grads, make_train_step
 from wmtp_fn.train.tree import leaf_keys

@@ -12,7 +12,7 @@ from wmtp_fn.losses.cross_entropy import linear_cross_entropy
 from wmtp_fn.losses.ntp import ntp_count, ntp_sums_from_hidden
 from wmtp_fn.objectives import COUNT, Objective, weighted_sum
 from wmtp_fn.train import adamw
-from wmtp_fn.train.schedule import ScheduleConfig
+from wmtp_fn.schedule import ScheduleConfig
 from wmtp_fn.train.state import init_train_state
 from wmtp_fn.train.step import make_train_step
 from wmtp_fn.train.tree import leaf_keys, leaves

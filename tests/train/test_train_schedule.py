@@ -6,7 +6,7 @@ import pytest
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 import torch
 
-from wmtp_fn.train.schedule import ScheduleConfig, lr_at
+from wmtp_fn.schedule import ScheduleConfig, lr_at
 
 BASE = 1e-3
 

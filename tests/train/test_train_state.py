@@ -14,7 +14,7 @@ from wmtp_fn.data.sampling import Cursor
 from wmtp_fn.checkpoint import restore_run, save_run
 from wmtp_fn.train import adamw
 from wmtp_fn.train.rng import _splitmix64, seeded, step_seed
-from wmtp_fn.train.schedule import ScheduleConfig
+from wmtp_fn.schedule import ScheduleConfig
 from wmtp_fn.train.state import FORMAT, TrainState, flatten_state, init_train_state, unflatten_state
 from wmtp_fn.train.step import make_train_step
 from wmtp_fn.train.tree import leaf_keys

@@ -20,7 +20,7 @@ from tests.train.train_toy_lm import (
 )
 from wmtp_fn.objectives import Objective, component_weights, weighted_sum
 from wmtp_fn.train import adamw
-from wmtp_fn.train.schedule import ScheduleConfig, lr_at
+from wmtp_fn.schedule import ScheduleConfig, lr_at
 from wmtp_fn.train.state import init_train_state
 from wmtp_fn.train.step import accumulate_grads, make_train_step
 from wmtp_fn.train.tree import leaf_keys, leaves

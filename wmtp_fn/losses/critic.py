@@ -22,7 +22,7 @@ from torch import Tensor
 
 from wmtp_fn.errors import ConfigError
 from wmtp_fn.losses.weighting import reverse_discounted_cumsum, through_last
-from wmtp_fn.train.schedule import ScheduleConfig, lr_at
+from wmtp_fn.schedule import ScheduleConfig, lr_at
 
 MEAN_EPS = 1e-8  # in the masked mean's denominator and the spikiness ratio's
 LossKind = Literal["mse", "smooth_l1"]

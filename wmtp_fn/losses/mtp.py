@@ -36,7 +36,7 @@ from torch import Tensor
 
 from wmtp_fn.losses.cross_entropy import linear_cross_entropy
 from wmtp_fn.losses.ntp import IGNORE_INDEX
-from wmtp_fn.train.step import component_weights
+from wmtp_fn.losses.normalise import component_weights
 
 
 def _check_labels(labels: Tensor, attention_mask: Tensor | None, where: str) -> None:

@@ -2,7 +2,7 @@
 
 The trunk runs once; each head runs on a detached copy of its output, computes its CE from
 hidden states with the chunked CE (no `[B, T, H, V]` logits), and is backpropagated at once
-with its scale (`train.detached`); the returned objective backpropagates the trunk once with the
+with its scale (`objectives.detached`); the returned objective backpropagates the trunk once with the
 summed cotangent. Peak memory holds the trunk and one head, whatever `n_future` is.
 """
 
@@ -15,7 +15,7 @@ from wmtp_fn.adapters import AdapterSpec, bound
 from wmtp_fn.losses.mtp import head_ce_sums, mtp_count
 from wmtp_fn.models.mtp import MTPLlama
 from wmtp_fn.objectives import COUNT, Batch, Objective
-from wmtp_fn.train.detached import backward_through_detached
+from wmtp_fn.objectives.detached import backward_through_detached
 
 
 def mtp_objective(

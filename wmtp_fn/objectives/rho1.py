@@ -70,7 +70,7 @@ from wmtp_fn.models.llama import HiddenStates
 from wmtp_fn.models.mtp import MTPLlama
 from wmtp_fn.objectives import COUNT, Batch, Objective
 from wmtp_fn.objectives.mtp import mtp_objective
-from wmtp_fn.train.detached import backward_through_detached
+from wmtp_fn.objectives.detached import backward_through_detached
 
 WEIGHTS_KEY = "rho1_weights"
 """Step scope: ``prepare`` stores each micro-batch's per-head weights ``[B, T, H]`` (binary,

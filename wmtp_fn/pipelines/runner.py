@@ -38,7 +38,7 @@ from wmtp_fn.objectives import Objective
 from wmtp_fn.train import adamw
 from wmtp_fn.train.evaluate import evaluate
 from wmtp_fn.train.loop import LoopConfig, MetricsLog, fit
-from wmtp_fn.train.schedule import ScheduleConfig
+from wmtp_fn.schedule import ScheduleConfig
 from wmtp_fn.train.state import init_train_state
 from wmtp_fn.train.step import make_train_step
 

@@ -46,7 +46,7 @@ from wmtp_fn.dist.comm import LOCAL, Comm
 from wmtp_fn.objectives import Objective, component_weights, weighted_sum
 from wmtp_fn.train import adamw
 from wmtp_fn.train.rng import seeded, step_seed
-from wmtp_fn.train.schedule import ScheduleConfig, lr_at
+from wmtp_fn.schedule import ScheduleConfig, lr_at
 from wmtp_fn.train.state import TrainState
 from wmtp_fn.train.sums import add_metrics, check_sums, divide, sum_over_ranks, total_counts
 from wmtp_fn.train.tree import aligned_leaves, leaf_items, tree_from_leaves

@@ -2,7 +2,7 @@
 
 import torch
 
-from wmtp_fn.train.detached import backward_through_detached
+from wmtp_fn.objectives.detached import backward_through_detached
 
 
 def toy(seed=0):
