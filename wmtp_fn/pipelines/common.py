@@ -24,6 +24,7 @@ from wmtp_fn.data.embedded import embedded_dataset_path, embedded_tokenizer_path
 from wmtp_fn.data.encode import encode_many
 from wmtp_fn.data.index import Index, build_index, check_fresh, read_many, subset
 from wmtp_fn.data.sampling import Cursor, next_batch, sample_by_difficulty
+from wmtp_fn.data.schema import DataError
 from wmtp_fn.data.split import split_problems
 from wmtp_fn.models.base import build_base, load_base, tiny_llama_config
 from wmtp_fn.models.layers import checkpoint_layers, compile_layers
@@ -316,14 +317,25 @@ def encoded_batches(
 def batch_stream(
     records: RecordSet, tokenizer, data_cfg: ConfigDict, *, batch_size: int, micro_batch_size: int, device: torch.device, skipped: list
 ) -> Callable[[Cursor], tuple[list[dict[str, torch.Tensor]], Cursor]]:
-    """`next_batch(cursor) -> (micro_batches on device, cursor)`: seeded, epoch-permuted, resumable."""
+    """`next_batch(cursor) -> (micro_batches on device, cursor)`: seeded, epoch-permuted, resumable.
+
+    Batches whose every record is skipped as too long are passed over; once every record has
+    been tried without one that fits, that is a `DataError` (the stream would never yield)."""
 
     def next_(cursor: Cursor):
+        tried: set[int] = set()
         while True:
             items, cursor = next_batch(len(records), batch_size, cursor)
             mbs = encoded_batches(records, items, tokenizer, data_cfg, micro_batch_size=micro_batch_size, skipped=skipped)
             if mbs:  # every record of the batch may have been skipped as too long
                 return [to_device(mb, device) for mb in mbs], cursor
+            tried.update(items)
+            if len(tried) == len(records):
+                raise DataError(
+                    records.index["path"],
+                    f"none of the {len(records)} records sampled for training fits max_length={data_cfg.max_length} "
+                    "(every prompt leaves no room for a response token); raise data.max_length",
+                )
 
     return next_
 
