@@ -86,7 +86,7 @@ for module, counts in sorted(by_module.items()):
     others = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if k != "killed")
     print(f"{module}: killed {counts['killed']}/{total}" + (f" ({others})" if others else ""))
 EOF
-grep -v ': killed$' results.txt | while read -r name status; do
+{ grep -v ': killed$' results.txt || true; } | while read -r name status; do
     name="${name%:}"
     echo
     "$mutmut" show "$name" | grep -v '^\(---\|+++\)'

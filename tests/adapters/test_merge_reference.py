@@ -75,3 +75,28 @@ def test_unmerge_inverts_the_float64_formula(variant, base):
     restored = unmerge(merged, adapter, spec, norms=norms if variant == "dora" else None)
     for k, v in state.items():
         assert torch.allclose(restored[k], v, rtol=1e-5, atol=1e-6), k
+
+
+def test_merge_names_a_missing_weight(base):
+    adapter, spec = adapter_for(base, "lora")
+    state = {k: v for k, v in base.state_dict().items() if k != "model.layers.1.mlp.gate_proj.weight"}
+    with pytest.raises(KeyError) as info:
+        merge(state, adapter, spec)
+    assert info.value.args[0] == (
+        "state dict has no 'model.layers.1.mlp.gate_proj.weight' for adapter module 'model.layers.1.mlp.gate_proj'; "
+        "is the adapter rooted elsewhere?"
+    )
+
+
+def test_export_merged_writes_the_tokenizer_beside_the_weights(base, tmp_path):
+    from transformers import AutoTokenizer
+
+    from wmtp_fn.adapters import export_merged
+    from wmtp_fn.data.embedded import embedded_tokenizer_path
+
+    tok = AutoTokenizer.from_pretrained(embedded_tokenizer_path())
+    adapter, spec = adapter_for(base, "dora")
+    out = export_merged(base, adapter, spec, tmp_path / "merged", tokenizer=tok)
+    assert out == tmp_path / "merged"
+    again = AutoTokenizer.from_pretrained(out)
+    assert again.get_vocab() == tok.get_vocab() and again.eos_token_id == tok.eos_token_id
