@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from tests.adapters.helpers import randomize, rel_err
 from wmtp_fn.adapters import AdapterSpec, apply, export_peft, import_peft, init, install_slots, validate
 from wmtp_fn.adapters.lora import from_flat, to_flat
 from wmtp_fn.models.base import build_base, load_base, tiny_llama_config
@@ -50,18 +51,31 @@ def test_different_base_fingerprint_names_both(base, adapter, tmp_path):
     assert spec.base_fingerprint["weights"] in msg
 
 
-def test_same_base_in_another_dtype_is_accepted(tiny_dir, adapter):
+def test_same_base_in_another_dtype_is_accepted(tiny_dir, base, adapter, batch):
     ad, spec = adapter
+    ad = randomize(ad, seed=1)
     bf16 = load_base(tiny_dir, dtype=torch.bfloat16)
     install_slots(bf16)
-    validate(ad, spec, bf16)
+    validate(ad, spec, bf16)  # the weights digest is taken on bf16-rounded tensors
+    with torch.no_grad():  # and the adapter computes on it what it computes on the fp32 base
+        want = apply(base, ad, spec, **batch).logits
+        got = apply(bf16, ad, spec, **batch).logits
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 5e-2
+    with pytest.raises(ValueError, match="made for a different base"):
+        other = build_base(tiny_llama_config(vocab_size=128), seed=77)
+        install_slots(other)
+        validate(ad, spec, other)
 
 
 def test_binding_onto_the_wrong_root_is_an_error(base, adapter, batch):
     ad, spec = adapter
     with pytest.raises(KeyError, match=r"does not name a LoRA slot of LlamaModel.*adapter\['model'\]"):
         apply(base.model, ad, spec, **batch)
-    apply(base.model, ad["model"], spec, **batch)  # the right root works
+    ad = randomize(ad, seed=2)
+    with torch.no_grad():  # the right root works: its hidden states give the full model's logits
+        hidden = apply(base.model, ad["model"], spec, **batch).last_hidden_state
+        logits = apply(base, ad, spec, **batch).logits
+    assert rel_err(base.lm_head(hidden), logits) <= 1e-6
 
 
 def test_target_without_slot_is_an_error(plain):

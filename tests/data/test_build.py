@@ -62,7 +62,9 @@ def test_difficulty_proxy_golden():
 
 
 def _check(records, results):
-    for record, result in zip(records, results):
+    results = list(results)
+    assert len(results) == len(records), (len(results), len(records))  # one verdict per record
+    for record, result in zip(records, results, strict=True):
         assert label_holds(record, result), (record.problem_id, record.is_correct, result)
         if not record.is_correct:
             assert failure_type(result) == record.metadata["failure"], (record.problem_id, result)

@@ -101,7 +101,7 @@ def batch_stream(
     an error (there is nothing to train on)."""
 
     def next_(cursor: Cursor):
-        start_epoch = cursor.epoch
+        tried: set[int] = set()
         while True:
             items, cursor = next_batch(len(records), batch_size, cursor)
             mbs, skipped = encoded_batches(records, items, tokenizer, data_cfg, micro_batch_size=micro_batch_size)
@@ -109,8 +109,13 @@ def batch_stream(
                 tqdm.write(f"warning: skipped (too long): {error}")
             if mbs:
                 return [to_device(mb, device) for mb in mbs], cursor
-            if cursor.epoch > start_epoch + 1:
-                raise DataError(records.index["path"], f"every sampled record is longer than data.max_length={data_cfg.max_length}")
+            tried.update(items)
+            if len(tried) == len(records):
+                raise DataError(
+                    records.index["path"],
+                    f"none of the {len(records)} records sampled for training fits max_length={data_cfg.max_length} "
+                    "(every prompt leaves no room for a response token); raise data.max_length",
+                )
 
     return next_
 
