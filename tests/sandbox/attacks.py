@@ -3,7 +3,7 @@
 Used two ways:
 
 - imported (by path) by test_sandbox.py, whose pytest process is then the host;
-- run as a script, ``python sandbox_attacks.py``, to attack from an *unprivileged* host. Started
+- run as a script, ``python attacks.py``, to attack from an *unprivileged* host. Started
   as root (how the suite runs here and in CI), it first sets up a private mount namespace in
   which user ``nobody`` can run our interpreter (which lives under /root, mode 0700) the way a
   user's own Python installation would be readable by that user, then becomes ``nobody`` with
@@ -236,7 +236,7 @@ def sandbox_processes() -> list[int]:
         except OSError:
             continue
         nested = len(status.get(b"NSpid", b"").split()) > 1
-        if (b"sandbox_driver.py" in cmd or nested) and not status[b"State"].strip().startswith(b"Z"):
+        if (b"wmtp_fn/sandbox/driver.py" in cmd or nested) and not status[b"State"].strip().startswith(b"Z"):
             out.append(int(name))
     return out
 
@@ -275,15 +275,15 @@ def run_attacks(run_program, limits, guards, names=None, **kwargs) -> dict:
 
 
 def import_sandbox():
-    """wmtp_fn.data.sandbox without running the package's __init__ (which imports torch)."""
-    for name, path in (("wmtp_fn", "wmtp_fn"), ("wmtp_fn.data", "wmtp_fn/data")):
+    """wmtp_fn.sandbox's host and driver without running wmtp_fn's __init__ (which imports torch)."""
+    for name, path in (("wmtp_fn", "wmtp_fn"), ("wmtp_fn.sandbox", "wmtp_fn/sandbox")):
         if name not in sys.modules:
             module = types.ModuleType(name)
             module.__path__ = [os.path.join(REPO, path)]
             sys.modules[name] = module
-    from wmtp_fn.data import sandbox, sandbox_driver
+    from wmtp_fn.sandbox import driver, host
 
-    return sandbox, sandbox_driver
+    return host, driver
 
 
 def become_nobody() -> None:

@@ -4,7 +4,7 @@ Hostile cases run twice where the kernel isolates runs (always as root; as non-r
 namespaces are available): with the audit-hook guard, and without it (guard=False), so the
 kernel-level containment (namespaces, read-only mounts, unprivileged uid or no capabilities,
 rlimits) is shown to hold on its own. Fork bombs run after a harmless bounded fork has shown
-that processes are counted and reaped. The attacks of sandbox_attacks.py run both from this
+that processes are counted and reaped. The attacks of attacks.py run both from this
 process and from an unprivileged host (as nobody when the suite runs as root).
 """
 
@@ -20,8 +20,8 @@ import time
 
 import pytest
 
-from wmtp_fn.data import sandbox
-from wmtp_fn.data.sandbox import (
+from wmtp_fn.sandbox import host as sandbox
+from wmtp_fn.sandbox.host import (
     Limits,
     SandboxResult,
     SandboxUnavailable,
@@ -38,7 +38,7 @@ WEAK = isolation_problem() is not None
 GUARDS = [True, False] if ROOT or not WEAK else [True]
 FAST = Limits(timeout_s=3.0)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ATTACKS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_attacks.py")
+ATTACKS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attacks.py")
 _spec = importlib.util.spec_from_file_location("sandbox_attacks", ATTACKS_PATH)
 attacks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(attacks)
@@ -332,7 +332,7 @@ def test_guard_covers_what_audit_events_miss(program, refusal):
 @pytest.mark.skipif(WEAK, reason="needs kernel isolation (namespaces)")
 @pytest.mark.parametrize("name", sorted(attacks.attacks("/x", 1, 1)))
 def test_attack_contained(name):
-    """Each attack of sandbox_attacks.py, with and without the guard, from this process."""
+    """Each attack of attacks.py, with and without the guard, from this process."""
     results = attacks.run_attacks(run_program, FAST, GUARDS, [name])
     for key, r in results.items():
         assert r["breaches"] == [], (key, r)
@@ -454,7 +454,7 @@ def test_refuses_when_isolation_fails_at_run_time(monkeypatch):
 
 @pytest.fixture(scope="module")
 def unprivileged():
-    """sandbox_attacks.py run as an unprivileged host (as nobody when we are root)."""
+    """attacks.py run as an unprivileged host (as nobody when we are root)."""
     if not ROOT and WEAK:
         pytest.skip(f"no kernel isolation here: {isolation_problem()}")
     proc = subprocess.run([sys.executable, ATTACKS_PATH], cwd=REPO, capture_output=True, text=True,

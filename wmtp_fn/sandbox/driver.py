@@ -1,6 +1,6 @@
 """The child side of the sandbox: a standalone script, run as
 
-    python -s -B sandbox_driver.py CONFIG_JSON     (stdin: one line, the verdict nonce)
+    python -s -B driver.py CONFIG_JSON     (stdin: one line, the verdict nonce)
 
 in a fresh working directory that holds ``program.py``. It imports nothing from this package
 (its own directory is kept off ``sys.path``, so the program cannot import our modules).
