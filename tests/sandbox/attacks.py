@@ -122,7 +122,7 @@ _ATTACKS = {
     "host_devices": """
         import os
         extra = set(os.listdir('/dev')) - {{'null', 'zero', 'full', 'random', 'urandom', 'fd',
-                                            'stdin', 'stdout', 'stderr'}}
+                                            'stdin', 'stdout', 'stderr', 'shm'}}
         print('BREACH: host devices visible:', sorted(extra)) if extra else None
     """,
 }
@@ -236,7 +236,7 @@ def sandbox_processes() -> list[int]:
         except OSError:
             continue
         nested = len(status.get(b"NSpid", b"").split()) > 1
-        if (b"wmtp_fn/sandbox/driver.py" in cmd or nested) and not status[b"State"].strip().startswith(b"Z"):
+        if (b"wmtp_fn.sandbox.driver" in cmd or nested) and not status[b"State"].strip().startswith(b"Z"):
             out.append(int(name))
     return out
 
@@ -275,23 +275,44 @@ def run_attacks(run_program, limits, guards, names=None, **kwargs) -> dict:
 
 
 def import_sandbox():
-    """wmtp_fn.sandbox's host and driver without running wmtp_fn's __init__ (which imports torch)."""
+    """wmtp_fn.sandbox's host and kernel without running wmtp_fn's __init__ (which imports torch)."""
     for name, path in (("wmtp_fn", "wmtp_fn"), ("wmtp_fn.sandbox", "wmtp_fn/sandbox")):
         if name not in sys.modules:
             module = types.ModuleType(name)
             module.__path__ = [os.path.join(REPO, path)]
             sys.modules[name] = module
-    from wmtp_fn.sandbox import driver, host
+    from wmtp_fn.sandbox import host, kernel
 
-    return host, driver
+    return host, kernel
+
+
+def _closed_ancestors(path: str) -> list[str]:
+    parts = path.split(os.sep)
+    ancestors = [os.sep.join(parts[:i]) or os.sep for i in range(1, len(parts))]
+    return [a for a in ancestors if not os.stat(a).st_mode & 0o001]
+
+
+def expose(kernel, paths) -> None:
+    """In this (private) mount namespace: an empty tmpfs over every directory on the way to
+    ``paths`` that others may not enter (``/root``, mode 0700), with ``paths`` bound back at
+    their places: another user can then use them, and sees nothing else there."""
+    fds = [(path, os.open(path, os.O_PATH)) for path in paths]
+    closed = sorted({a for path in paths for a in _closed_ancestors(path)}, key=len)
+    for directory in closed:
+        if os.path.isdir(directory):  # not already replaced by an outer tmpfs
+            kernel.mount("tmpfs", directory, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV, "mode=0755")
+    for path, fd in fds:
+        os.makedirs(path, mode=0o755, exist_ok=True)  # in the tmpfs (umask 022 as root)
+        kernel.mount(f"/proc/self/fd/{fd}", path, flags=kernel.MS_BIND | kernel.MS_REC)
+        os.close(fd)
 
 
 def become_nobody() -> None:
     """Root → nobody, with nobody able to run this interpreter (see the module docstring)."""
-    sandbox, driver = import_sandbox()
-    driver._call("unshare", driver._CLONE_NEWNS)
-    driver._mount(None, "/", flags=driver._MS_REC | driver._MS_PRIVATE)
-    driver.expose(sandbox.exposure_steps(sandbox.interpreter_paths(), REPO))
+    host, kernel = import_sandbox()
+    kernel.call("unshare", kernel.CLONE_NEWNS)
+    kernel.mount(None, "/", flags=kernel.MS_REC | kernel.MS_PRIVATE)
+    expose(kernel, [p for p in host.interpreter_layout()["reads"] if not host.others_can_read(p)])
     os.setgroups([])
     os.setresgid(NOBODY, NOBODY, NOBODY)
     os.setresuid(NOBODY, NOBODY, NOBODY)  # root → non-root: every capability is gone

