@@ -29,6 +29,7 @@ import types
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SECRET = "wmtp-sandbox-test-secret-6f1d"
+SHM_KEY = 0x57AD0000 + os.getpid() % 65536  # the host's private SysV segment
 NOBODY = 65534
 
 # {victim}, {victim_dir}, {marker}, {host}, {port} are filled in by attacks().
@@ -119,6 +120,16 @@ _ATTACKS = {
         socket.socket(40, socket.SOCK_STREAM)  # AF_VSOCK
         print('BREACH: made an AF_VSOCK socket')
     """,
+    # SysV IPC is not a file: without an IPC namespace of its own a run reaches the host
+    # user's segments (and leaves its own behind).
+    "sysv_host_segment": """
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.shmat.restype = ctypes.c_void_p
+        shm = libc.shmget({shm_key}, 0, 0)
+        if shm >= 0:
+            print('BREACH: reached the host segment:', ctypes.string_at(libc.shmat(shm, None, 0), 16))
+    """,
     "host_devices": """
         import os
         extra = set(os.listdir('/dev')) - {{'null', 'zero', 'full', 'random', 'urandom', 'fd',
@@ -142,6 +153,7 @@ def attacks(victim_dir: str, host: int, port: int, socket_dir: str = "/nonexiste
         "host": host,
         "port": port,
         "unix_stream": os.path.join(socket_dir, "stream.sock"),
+        "shm_key": SHM_KEY,
         "unix_dgram": os.path.join(socket_dir, "dgram.sock"),
     }
     return {name: textwrap.dedent(src).format(**values) for name, src in _ATTACKS.items()}
@@ -169,6 +181,7 @@ class Host:
         for name in ("stream.sock", "dgram.sock"):
             os.chmod(os.path.join(socket_dir, name), 0o777)
         self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.shm = _host_segment(SHM_KEY, SECRET.encode())
         self._old_handler = signal.signal(signal.SIGTERM, lambda sig, frame: self.signals.append(sig))
 
     def reset(self):
@@ -187,6 +200,9 @@ class Host:
         return (st.st_mode, st.st_uid, st.st_mtime_ns, st.st_size, st.st_nlink)
 
     def close(self):
+        import ctypes
+
+        ctypes.CDLL(None).shmctl(self.shm, 0, None)  # IPC_RMID
         signal.signal(signal.SIGTERM, self._old_handler)
         for sock in (self.listener, self.unix_stream, self.unix_dgram):
             sock.close()
@@ -219,6 +235,21 @@ class Host:
         if left:
             out.append(f"sandbox processes left: {left}")
         return out
+
+
+def _host_segment(key: int, data: bytes) -> int:
+    """A private (0600) SysV shared-memory segment of this process's user, holding ``data``."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    shm = libc.shmget(key, 4096, 0o1000 | 0o600)
+    if shm < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+    address = libc.shmat(shm, None, 0)
+    ctypes.memmove(address, data, len(data))
+    libc.shmdt(ctypes.c_void_p(address))
+    return shm
 
 
 def sandbox_processes() -> list[int]:
@@ -269,6 +300,42 @@ def run_attacks(run_program, limits, guards, names=None, **kwargs) -> dict:
                 os.unlink(os.path.join(directory, entry))
             os.rmdir(directory)
     return results
+
+
+def concurrent_runs(run_program, limits) -> dict:
+    """Run A writes a secret into every place it may write and waits; run B, meanwhile, looks
+    for it everywhere it can read. ``{"a": A's stdout, "b": B's (the paths found)}``."""
+    import threading
+
+    secret = f"run-a-secret-{os.getpid()}-{os.urandom(4).hex()}"
+    writer = textwrap.dedent(f"""
+        import time
+        for path in ("secret.txt", "/tmp/secret.txt", "/var/tmp/secret.txt", "/dev/shm/secret.txt"):
+            open(path, "w").write({secret!r})
+        print("written", flush=True)
+        time.sleep(3)
+    """)
+    seeker = textwrap.dedent(f"""
+        import os, time
+        time.sleep(0.7)
+        needle, found = {secret[::-1]!r}[::-1], []
+        for top in ("/tmp", "/var/tmp", "/dev/shm", {tempfile.gettempdir()!r}, {REPO!r}, "/root", "/home"):
+            for root, dirs, files in os.walk(top):
+                for name in files:
+                    try:
+                        if needle in open(os.path.join(root, name), errors="ignore").read(1 << 16):
+                            found.append(os.path.join(root, name))
+                    except OSError:
+                        pass
+        print(found)
+    """)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("a", run_program(writer, limits=limits, guard=False).stdout))
+    thread.start()
+    b = run_program(seeker, limits=limits, guard=False)
+    out["b"] = b.stdout or f"{b.status}: {b.message}"
+    thread.join()
+    return out
 
 
 # ---------------------------------------------------------------- the unprivileged host
@@ -340,6 +407,7 @@ def unprivileged_main() -> dict:
         out[name] = {"status": r.status, "message": r.message, "stdout": r.stdout,
                      "left": sandbox_processes()}
     out["attacks"] = run_attacks(sandbox.run_program, quick, [True, False])
+    out["concurrent"] = concurrent_runs(sandbox.run_program, Limits(timeout_s=10.0))
     # Where namespaces are unavailable: refused, unless weak isolation is asked for; then the
     # guard alone has to catch the same attacks (except KERNEL_ONLY, its documented gaps).
     sandbox.isolation_problem = lambda python=sys.executable: "simulated: user namespaces disabled"

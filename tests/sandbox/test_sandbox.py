@@ -507,6 +507,12 @@ def test_unprivileged_host_attack_contained(unprivileged, name):
         assert "uid=" in unprivileged["attacks"]["fork_exec_shell/False"]["stdout"]  # it ran
 
 
+def test_unprivileged_host_concurrent_runs_see_nothing_of_each_other(unprivileged):
+    """As an ordinary user every run is that user: only the run's own root (its tmpfs) keeps
+    one run from another's files."""
+    assert unprivileged["concurrent"] == {"a": "written\n", "b": "[]\n"}, unprivileged["concurrent"]
+
+
 def test_unprivileged_host_refused_or_weak(unprivileged):
     """Namespaces unavailable (simulated): refused with how to allow them; with
     allow_weak_isolation the guard alone still stops these attacks (but see KERNEL_ONLY)."""

@@ -213,6 +213,7 @@ def run_judge(config: dict, requests: int, replies: int) -> None:
     kernel.set_limits(_judge_limits(config))
     os.chdir("/")  # nothing the program writes is where the judge looks
     status, message = proxy.judge(job["prelude"], job["tests"], job["entry_point"], requests, replies)
+    proxy.flush_output()
     os.write(config["control_fd"], line(job["nonce"], status, message))
     os._exit(0)
 

@@ -409,6 +409,7 @@ def _spawn(source: str, judge: dict | None, limits: Limits, guard: bool, python:
     verdict_r, verdict_w = os.pipe() if judge is None else (None, None)
     judge_r, judge_w = os.pipe() if judge is not None else (None, None)
     child_ends = [fd for fd in (stdin_r, control_w, verdict_w, judge_r) if fd is not None]
+    passed = child_ends[1:]  # (stdin_r becomes the child's fd 0)
     workdir = None if isolate else tempfile.mkdtemp(prefix="wmtp_sandbox_")
     try:
         if workdir is not None and uid is not None:
@@ -432,7 +433,7 @@ def _spawn(source: str, judge: dict | None, limits: Limits, guard: bool, python:
             start = time.monotonic()
             proc = subprocess.Popen(
                 [python, "-S", "-s", "-B", "-c", BOOTSTRAP], stdin=stdin_r, stdout=out, stderr=err,
-                cwd=workdir or "/", env=env, pass_fds=child_ends, start_new_session=True,
+                cwd=workdir or "/", env=env, pass_fds=passed, start_new_session=True,
             )
             for fd in child_ends:
                 os.close(fd)

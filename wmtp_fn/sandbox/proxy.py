@@ -25,6 +25,7 @@ library only.
 """
 
 import builtins
+import sys
 
 from wmtp_fn.sandbox import wire
 
@@ -42,13 +43,23 @@ def describe(exc: BaseException) -> str:
     return text if len(text) <= 1000 else text[:997] + "..."
 
 
+def flush_output() -> None:
+    """Flush ``sys.stdout`` and ``sys.stderr`` (whatever they are now); never raises."""
+    for name in ("stdout", "stderr"):
+        try:
+            getattr(sys, name).flush()
+        except BaseException:  # noqa: BLE001 - a closed or replaced stream
+            pass
+
+
 # ---------------------------------------------------------------- the candidate's side
 
 
 def serve(source: str, entry_point: str, requests: int, replies: int) -> None:
     """Run the candidate's ``source``, then answer calls of ``entry_point`` until the judge
     closes the channel. A ``source`` that raises answers every call with that exception
-    (as it would have failed the in-process program)."""
+    (as it would have failed the in-process program). The candidate's output is flushed
+    before each answer: the process is killed, not ended, once the judge is done."""
     namespace = {"__name__": "__main__", "__builtins__": builtins}
     load_error = None
     try:
@@ -61,6 +72,7 @@ def serve(source: str, entry_point: str, requests: int, replies: int) -> None:
         except (EOFError, OSError, wire.WireError):
             return
         reply = _answer(request, namespace, entry_point, load_error)
+        flush_output()
         try:
             wire.write_frame(replies, reply)
         except OSError:
