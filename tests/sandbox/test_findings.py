@@ -371,7 +371,7 @@ def test_concurrent_runs_do_not_see_each_others_files():
         for path in ("secret.txt", "/tmp/secret.txt", "/var/tmp/secret.txt", "/dev/shm/secret.txt"):
             open(path, "w").write({secret!r})
         print("written", flush=True)
-        time.sleep(3)
+        time.sleep(5)  # (long enough for the other run to start and look, even on a busy machine)
     ''')
     seeker = textwrap.dedent(f'''
         import os, time
@@ -391,9 +391,10 @@ def test_concurrent_runs_do_not_see_each_others_files():
         print(found)
     ''')
     results = {}
-    thread = threading.Thread(target=lambda: results.setdefault("a", run_program(writer, limits=FAST, guard=False)))
+    slow = Limits(timeout_s=20.0)
+    thread = threading.Thread(target=lambda: results.setdefault("a", run_program(writer, limits=slow, guard=False)))
     thread.start()
-    results["b"] = run_program(seeker, limits=FAST, guard=False)
+    results["b"] = run_program(seeker, limits=slow, guard=False)
     thread.join()
     assert results["a"].stdout == "written\n", results
     assert results["b"].stdout == "[]\n", results

@@ -411,6 +411,50 @@ def test_program_sees_only_its_own_processes():
     assert r.stdout.split(maxsplit=2)[2] == "[1, 2]\n", r.stdout
 
 
+@pytest.mark.skipif(WEAK, reason="needs kernel isolation (namespaces)")
+def test_the_programs_world():
+    """What an isolated program finds: threads and fork work (clone3 answers ENOSYS, libc falls
+    back), no new namespaces, its own host name, only the planned mounts, writable only its
+    scratch tmpfs, and nothing of this project importable."""
+    r = run(textwrap.dedent("""
+        import ctypes, os, socket, sys, threading
+        t = threading.Thread(target=print, args=("thread ran",))
+        t.start(); t.join()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        print("fork", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        libc = ctypes.CDLL(None, use_errno=True)
+        print("unshare", libc.unshare(0x10000000), ctypes.get_errno())  # CLONE_NEWUSER
+        print("clone3", libc.syscall(435, None, 0), ctypes.get_errno())
+        print("host", socket.gethostname())
+        with open("/proc/self/mountinfo") as f:
+            mounts = [(line.split()[4], line.split()[5].split(",")[0]) for line in f]
+        print("writable", sorted(p for p, mode in mounts if mode == "rw"))
+        print("mounts", sorted(p for p, _ in mounts))
+        try:
+            import wmtp_fn
+            print("imported", wmtp_fn.__file__)
+        except ImportError:
+            print("no wmtp_fn")
+    """), guard=False)
+    assert r.status == "passed", r
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert out["thread"] == "ran" and out["fork"] == "7", out
+    assert out["unshare"] == "-1 13" and out["clone3"] == "-1 38", out
+    assert out["host"] == "sandbox"
+    assert out["writable"] == "['/dev/shm', '/tmp', '/var/tmp']", out
+    plan = root_plan(sandbox.interpreter_layout()["reads"], sandbox.interpreter_layout()["hidden"],
+                     ROOT, 1)
+    expected = {"/", "/dev", "/proc", "/tmp", "/var/tmp", "/dev/shm", *plan["binds"], *plan["hidden"]}
+    expected |= {f"/dev/{n}" for n in ("null", "zero", "full", "random", "urandom")}
+    mounted = set(eval(out["mounts"]))  # noqa: S307 - our own program's output
+    assert expected <= mounted, (expected - mounted)
+    extra = mounted - expected  # only submounts of the bound system directories
+    assert all(any(m.startswith(b + "/") for b in plan["binds"]) for m in extra), extra
+    assert out["no"] == "wmtp_fn", out
+
+
 def test_root_plan():
     base = tempfile.mkdtemp(prefix=".wmtp_sandbox_plan_", dir=REPO)  # not under /tmp
     try:

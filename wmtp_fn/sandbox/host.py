@@ -144,6 +144,10 @@ class SandboxUnavailable(RuntimeError):
     says why and how to allow it. Nothing of the program was run."""
 
 
+class _Refused(Exception):
+    """A setup step of the driver refused (the message: which, and why)."""
+
+
 # ---------------------------------------------------------------- what the run can see
 
 
@@ -393,7 +397,7 @@ def _running_as_root() -> bool:
 
 def _spawn(source: str, judge: dict | None, limits: Limits, guard: bool, python: str,
            uid: int | None, isolate: bool, cgroup: str | None) -> SandboxResult:
-    """One run of the driver; raises SandboxUnavailable when its setup refused."""
+    """One run of the driver; _Refused when its setup refused."""
     layout = interpreter_layout(python)
     plan = (root_plan(layout["reads"], layout["hidden"], uid is not None, limits.scratch_bytes)
             if isolate else None)
@@ -409,7 +413,7 @@ def _spawn(source: str, judge: dict | None, limits: Limits, guard: bool, python:
     verdict_r, verdict_w = os.pipe() if judge is None else (None, None)
     judge_r, judge_w = os.pipe() if judge is not None else (None, None)
     child_ends = [fd for fd in (stdin_r, control_w, verdict_w, judge_r) if fd is not None]
-    passed = child_ends[1:]  # (stdin_r becomes the child's fd 0)
+    inherited = child_ends[1:]  # (stdin_r becomes the child's fd 0)
     workdir = None if isolate else tempfile.mkdtemp(prefix="wmtp_sandbox_")
     try:
         if workdir is not None and uid is not None:
@@ -423,17 +427,14 @@ def _spawn(source: str, judge: dict | None, limits: Limits, guard: bool, python:
             # the sandbox's own processes that RLIMIT_NPROC counts besides the program's
             "helpers": int(user_ns) + int(isolate or uid is not None) + int(judge is not None),
         }
-        home = WORKDIR if isolate else workdir
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
-            "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0",
-            "PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
-        }
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             start = time.monotonic()
             proc = subprocess.Popen(
-                [python, "-S", "-s", "-B", "-c", BOOTSTRAP], stdin=stdin_r, stdout=out, stderr=err,
-                cwd=workdir or "/", env=env, pass_fds=passed, start_new_session=True,
+                # (the last argument only names this host in ps: BOOTSTRAP ignores it)
+                [python, "-S", "-s", "-B", "-c", BOOTSTRAP, f"host={os.getpid()}"],
+                stdin=stdin_r, stdout=out, stderr=err,
+                cwd=workdir or "/", env=_environment(WORKDIR if isolate else workdir),
+                pass_fds=inherited, start_new_session=True,
             )
             for fd in child_ends:
                 os.close(fd)
@@ -462,15 +463,32 @@ def _spawn(source: str, judge: dict | None, limits: Limits, guard: bool, python:
                     os.close(fd)
         if workdir is not None:
             remove_tree(workdir)
+    verdict = _verdict(control, own_verdict, nonce, judge_nonce if judge is not None else None)
+    return classify(verdict, timed_out, proc.returncode, limits, seconds, stdout, stderr)
+
+
+def _verdict(control: bytes, own: bytes, nonce: str, judge_nonce: str | None) -> tuple[str, str] | None:
+    """The run's verdict from what its channels hold: _Refused for a setup step's refusal
+    (the control channel, with the setup nonce); else the judge's line (the control channel,
+    the judge's nonce) or, in-process, the program's own (its verdict channel)."""
     refusals = [message for status, message in parse_lines(control, nonce) if status == "unavailable"]
     if refusals:
-        raise SandboxUnavailable(_unavailable_message(refusals[0]))
-    if judge is not None:
+        raise _Refused(refusals[0])
+    if judge_nonce is not None:
         verdicts = parse_lines(control, judge_nonce)
     else:
-        verdicts = [v for v in parse_lines(own_verdict, nonce) if v[0] in ("passed", "failed")]
-    verdict = verdicts[0] if verdicts else None
-    return classify(verdict, timed_out, proc.returncode, limits, seconds, stdout, stderr)
+        verdicts = [v for v in parse_lines(own, nonce) if v[0] in ("passed", "failed")]
+    return verdicts[0] if verdicts else None
+
+
+def _environment(home: str) -> dict[str, str]:
+    """The driver's whole environment (nothing of the host's): a fixed hash seed, so a verdict
+    cannot depend on set order; no bytecode written; UTF-8 everywhere."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home,
+        "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONHASHSEED": "0",
+        "PYTHONSAFEPATH": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
+    }
 
 
 def _nonce() -> str:
@@ -520,8 +538,8 @@ def _probe(python: str) -> str | None:
     try:
         with _run_identity(_PROBE_LIMITS) as (uid, cgroup):
             result = _spawn("", None, _PROBE_LIMITS, False, python, uid, True, cgroup)
-    except SandboxUnavailable as e:
-        return str(e).removeprefix("sandbox: cannot isolate untrusted programs: ").split(". ")[0]
+    except (_Refused, SandboxUnavailable) as e:
+        return str(e)
     if result.status != "passed":
         return f"a trivial program did not pass in the sandbox ({result.status}: {result.message})"
     return None
@@ -550,7 +568,10 @@ def _run(source: str, judge: dict | None, limits: Limits, guard: bool, python: s
         warnings.warn(f"sandbox: weak isolation, not safe for hostile code ({problem})",
                       RuntimeWarning, stacklevel=3)
     with _run_identity(limits) as (uid, cgroup):
-        return _spawn(source, judge, limits, guard, python, uid, problem is None, cgroup)
+        try:
+            return _spawn(source, judge, limits, guard, python, uid, problem is None, cgroup)
+        except _Refused as e:
+            raise SandboxUnavailable(_unavailable_message(str(e))) from None
 
 
 def run_program(
