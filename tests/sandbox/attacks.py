@@ -427,7 +427,23 @@ def unprivileged_main() -> dict:
         names = [n for n in _ATTACKS if n not in KERNEL_ONLY]
         out["weak_attacks"] = run_attacks(sandbox.run_program, quick, [True], names,
                                           allow_weak_isolation=True)
+        # Weak runs work in a directory on the host's disk: a tree deeper than rmtree copes with,
+        # made unreadable, must still go.
+        r = sandbox.run_program(DEEP_TREE, limits=quick, guard=False, allow_weak_isolation=True)
+        out["weak_deep"] = [r.status, r.stdout.strip(), os.path.exists(r.stdout.strip())]
     return out
+
+
+DEEP_TREE = """
+import os
+fd = os.open(".", os.O_RDONLY)
+for i in range(1100):
+    os.mkdir("d", dir_fd=fd)
+    fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+    os.close(parent)
+os.chmod(".", 0o500)
+print(os.getcwd())
+"""
 
 
 if __name__ == "__main__":

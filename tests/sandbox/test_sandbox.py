@@ -568,3 +568,5 @@ def test_unprivileged_host_refused_or_weak(unprivileged):
     for key, r in unprivileged["weak_attacks"].items():
         assert r["breaches"] == [], (key, r)
         assert r["message"].startswith("PermissionError: sandbox:"), (key, r)
+    status, workdir, still_there = unprivileged["weak_deep"]
+    assert status == "passed" and workdir.startswith("/") and not still_there, unprivileged["weak_deep"]
