@@ -73,6 +73,7 @@ def test_failed_assertion_and_exceptions():
     r = run("def f(:\n  pass")
     assert (r.status, r.message) == ("failed", "SyntaxError: invalid syntax (program.py, line 1)")
     assert run("raise SystemExit(0)").message == "SystemExit: 0"  # exiting early is not passing
+    assert run("exit(3)").message == "SystemExit: 3"  # (site's exit() exists, though -S)
     assert run("{}['k']").message == "KeyError: 'k'"
 
 

@@ -36,6 +36,7 @@ program exists), the judge's verdict; **verdict** — in-process mode only, held
 """
 
 import _signal
+import builtins
 import marshal
 import os
 import sys
@@ -101,6 +102,7 @@ def main(config: dict, source: str) -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
     sys.path += config["site"]  # site-packages without running their .pth files (-S)
+    builtins.exit = builtins.quit = sys.exit  # what site.py would have added (a SystemExit)
     if config["cgroup"]:
         try:
             with open(config["cgroup"], "w") as f:
