@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from wmtp_fn.data.bpe import save_hf_tokenizer, train_bpe
-from wmtp_fn.data.build_humaneval import (
+from wmtp_fn.data.build.bpe import save_hf_tokenizer, train_bpe
+from wmtp_fn.data.build.humaneval import (
     LICENSE_FILE,
     VOCAB_SIZE,
     body_first_line,
@@ -17,7 +17,7 @@ from wmtp_fn.data.build_humaneval import (
 )
 from wmtp_fn.data.embedded import embedded_dataset_path, embedded_dir, embedded_tokenizer_path
 from wmtp_fn.data.jsonl import iter_records
-from wmtp_fn.data.sandbox import Limits
+from wmtp_fn.sandbox import Limits
 from wmtp_fn.data.verify import completion_program, failure_type, label_holds, verify_records
 
 # A deterministic subset that exercises every path of the builder: a rejected empty body

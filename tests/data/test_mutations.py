@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from wmtp_fn.data.mutations import Mutation, apply_mutation, find_mutations, rank, select_mutants
+from wmtp_fn.data.build.mutations import Mutation, apply_mutation, find_mutations, rank, select_mutants
 
 SRC = (
     "def f(a, b):\n"

@@ -1,6 +1,7 @@
 """The data layer: records and their validation, the offset index, prompt templates,
-tokenisation, collation, seeded resumable samplers, sandboxed verification, program mutations
-and the embedded HumanEval-derived dataset.
+tokenisation, collation, seeded resumable samplers, label verification and the embedded
+HumanEval-derived dataset. Building datasets (HumanEval, mutations, BPE) lives in ``data.build``;
+running untrusted programs in ``wmtp_fn.sandbox``.
 
 One module per concept:
     schema      Record, parse_record, DataError (located, exact messages)
@@ -11,12 +12,9 @@ One module per concept:
     collate     collate, collate_pairs: padded [B, T] tensors
     sampling    sample_by_difficulty, sample_pairs, Cursor, next_batch
     split       split_problems: train/validation by problem
-    sandbox     run_program, Limits, SandboxResult (driver: sandbox_driver.py)
-    verify      completion_program, verify_records, label_holds
-    mutations   find_mutations, select_mutants: source-splicing program mutations
-    bpe         train_bpe, save_hf_tokenizer
+    verify      completion_program, verify_records, label_holds (runs the sandbox)
     embedded    embedded_dataset_path, embedded_tokenizer_path, embedded_split
-    build_humaneval   python -m wmtp_fn.data.build_humaneval
+    build/      humaneval (python -m wmtp_fn.data.build.humaneval), mutations, bpe
 """
 
 from wmtp_fn.data.collate import collate, collate_pairs
@@ -30,16 +28,15 @@ from wmtp_fn.data.encode import IGNORE_INDEX, encode, encode_many
 from wmtp_fn.data.index import Index, build_index, read_at, read_many, subset
 from wmtp_fn.data.jsonl import iter_located, iter_records
 from wmtp_fn.data.sampling import Cursor, next_batch, sample_by_difficulty, sample_pairs
-from wmtp_fn.data.sandbox import Limits, SandboxResult, run_program
 from wmtp_fn.data.schema import DataError, Record, parse_record, record_to_json
 from wmtp_fn.data.split import split_problems
 from wmtp_fn.data.template import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, render_prompt
 
 __all__ = [
     "ALPACA_NO_INPUT", "ALPACA_WITH_INPUT", "Cursor", "DataError", "IGNORE_INDEX", "Index",
-    "Limits", "Record", "SandboxResult", "build_index", "collate", "collate_pairs",
+    "Record", "build_index", "collate", "collate_pairs",
     "embedded_dataset_path", "embedded_split", "embedded_stats_path", "embedded_tokenizer_path",
     "encode", "encode_many", "iter_located", "iter_records", "next_batch", "parse_record",
-    "read_at", "read_many", "record_to_json", "render_prompt", "run_program",
+    "read_at", "read_many", "record_to_json", "render_prompt",
     "sample_by_difficulty", "sample_pairs", "split_problems", "subset",
 ]

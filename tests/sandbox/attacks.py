@@ -3,7 +3,7 @@
 Used two ways:
 
 - imported (by path) by test_sandbox.py, whose pytest process is then the host;
-- run as a script, ``python sandbox_attacks.py``, to attack from an *unprivileged* host. Started
+- run as a script, ``python attacks.py``, to attack from an *unprivileged* host. Started
   as root (how the suite runs here and in CI), it first sets up a private mount namespace in
   which user ``nobody`` can run our interpreter (which lives under /root, mode 0700) the way a
   user's own Python installation would be readable by that user, then becomes ``nobody`` with
@@ -29,6 +29,7 @@ import types
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 SECRET = "wmtp-sandbox-test-secret-6f1d"
+SHM_KEY = 0x57AD0000 + os.getpid() % 65536  # the host's private SysV segment
 NOBODY = 65534
 
 # {victim}, {victim_dir}, {marker}, {host}, {port} are filled in by attacks().
@@ -119,10 +120,20 @@ _ATTACKS = {
         socket.socket(40, socket.SOCK_STREAM)  # AF_VSOCK
         print('BREACH: made an AF_VSOCK socket')
     """,
+    # SysV IPC is not a file: without an IPC namespace of its own a run reaches the host
+    # user's segments (and leaves its own behind).
+    "sysv_host_segment": """
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.shmat.restype = ctypes.c_void_p
+        shm = libc.shmget({shm_key}, 0, 0)
+        if shm >= 0:
+            print('BREACH: reached the host segment:', ctypes.string_at(libc.shmat(shm, None, 0), 16))
+    """,
     "host_devices": """
         import os
         extra = set(os.listdir('/dev')) - {{'null', 'zero', 'full', 'random', 'urandom', 'fd',
-                                            'stdin', 'stdout', 'stderr'}}
+                                            'stdin', 'stdout', 'stderr', 'shm'}}
         print('BREACH: host devices visible:', sorted(extra)) if extra else None
     """,
 }
@@ -142,6 +153,7 @@ def attacks(victim_dir: str, host: int, port: int, socket_dir: str = "/nonexiste
         "host": host,
         "port": port,
         "unix_stream": os.path.join(socket_dir, "stream.sock"),
+        "shm_key": SHM_KEY,
         "unix_dgram": os.path.join(socket_dir, "dgram.sock"),
     }
     return {name: textwrap.dedent(src).format(**values) for name, src in _ATTACKS.items()}
@@ -169,6 +181,7 @@ class Host:
         for name in ("stream.sock", "dgram.sock"):
             os.chmod(os.path.join(socket_dir, name), 0o777)
         self.nofile = resource.getrlimit(resource.RLIMIT_NOFILE)
+        self.shm = _host_segment(SHM_KEY, SECRET.encode())
         self._old_handler = signal.signal(signal.SIGTERM, lambda sig, frame: self.signals.append(sig))
 
     def reset(self):
@@ -187,6 +200,9 @@ class Host:
         return (st.st_mode, st.st_uid, st.st_mtime_ns, st.st_size, st.st_nlink)
 
     def close(self):
+        import ctypes
+
+        ctypes.CDLL(None).shmctl(self.shm, 0, None)  # IPC_RMID
         signal.signal(signal.SIGTERM, self._old_handler)
         for sock in (self.listener, self.unix_stream, self.unix_dgram):
             sock.close()
@@ -221,9 +237,27 @@ class Host:
         return out
 
 
+def _host_segment(key: int, data: bytes) -> int:
+    """A private (0600) SysV shared-memory segment of this process's user, holding ``data``."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    shm = libc.shmget(key, 4096, 0o1000 | 0o600)
+    if shm < 0:
+        raise OSError(ctypes.get_errno(), "shmget")
+    address = libc.shmat(shm, None, 0)
+    ctypes.memmove(address, data, len(data))
+    libc.shmdt(ctypes.c_void_p(address))
+    return shm
+
+
 def sandbox_processes() -> list[int]:
-    """Live processes of a sandbox run: the driver or forks of it, and anything in a nested PID
-    namespace (such as a shell the program exec'd)."""
+    """Live processes of this process's sandbox runs: the driver and its forks, whose command
+    line names the host's pid (other programs' sandboxes on the machine do not count). A
+    process the program exec'd (a shell) has another command line, but it cannot outlive the
+    run's PID namespace, which lives only as long as its init, one of the driver's forks."""
+    marker = b"\0host=%d\0" % os.getpid()
     out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -231,12 +265,11 @@ def sandbox_processes() -> list[int]:
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
                 cmd = f.read()
-            with open(f"/proc/{name}/status", "rb") as f:
-                status = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
-        except OSError:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
             continue
-        nested = len(status.get(b"NSpid", b"").split()) > 1
-        if (b"sandbox_driver.py" in cmd or nested) and not status[b"State"].strip().startswith(b"Z"):
+        if b"wmtp_fn.sandbox.driver" in cmd and marker in cmd and state != b"Z":
             out.append(int(name))
     return out
 
@@ -271,27 +304,84 @@ def run_attacks(run_program, limits, guards, names=None, **kwargs) -> dict:
     return results
 
 
+def concurrent_runs(run_program, limits) -> dict:
+    """Run A writes a secret into every place it may write and waits; run B, meanwhile, looks
+    for it everywhere it can read. ``{"a": A's stdout, "b": B's (the paths found)}``."""
+    import threading
+
+    secret = f"run-a-secret-{os.getpid()}-{os.urandom(4).hex()}"
+    writer = textwrap.dedent(f"""
+        import time
+        for path in ("secret.txt", "/tmp/secret.txt", "/var/tmp/secret.txt", "/dev/shm/secret.txt"):
+            open(path, "w").write({secret!r})
+        print("written", flush=True)
+        time.sleep(5)  # (long enough for the other run to start and look, even on a busy machine)
+    """)
+    seeker = textwrap.dedent(f"""
+        import os, time
+        time.sleep(0.7)
+        needle, found = {secret[::-1]!r}[::-1], []
+        for top in ("/tmp", "/var/tmp", "/dev/shm", {tempfile.gettempdir()!r}, {REPO!r}, "/root", "/home"):
+            for root, dirs, files in os.walk(top):
+                for name in files:
+                    try:
+                        if needle in open(os.path.join(root, name), errors="ignore").read(1 << 16):
+                            found.append(os.path.join(root, name))
+                    except OSError:
+                        pass
+        print(found)
+    """)
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.setdefault("a", run_program(writer, limits=limits, guard=False).stdout))
+    thread.start()
+    b = run_program(seeker, limits=limits, guard=False)
+    out["b"] = b.stdout or f"{b.status}: {b.message}"
+    thread.join()
+    return out
+
+
 # ---------------------------------------------------------------- the unprivileged host
 
 
 def import_sandbox():
-    """wmtp_fn.data.sandbox without running the package's __init__ (which imports torch)."""
-    for name, path in (("wmtp_fn", "wmtp_fn"), ("wmtp_fn.data", "wmtp_fn/data")):
+    """wmtp_fn.sandbox's host and kernel without running wmtp_fn's __init__ (which imports torch)."""
+    for name, path in (("wmtp_fn", "wmtp_fn"), ("wmtp_fn.sandbox", "wmtp_fn/sandbox")):
         if name not in sys.modules:
             module = types.ModuleType(name)
             module.__path__ = [os.path.join(REPO, path)]
             sys.modules[name] = module
-    from wmtp_fn.data import sandbox, sandbox_driver
+    from wmtp_fn.sandbox import host, kernel
 
-    return sandbox, sandbox_driver
+    return host, kernel
+
+
+def _closed_ancestors(path: str) -> list[str]:
+    parts = path.split(os.sep)
+    ancestors = [os.sep.join(parts[:i]) or os.sep for i in range(1, len(parts))]
+    return [a for a in ancestors if not os.stat(a).st_mode & 0o001]
+
+
+def expose(kernel, paths) -> None:
+    """In this (private) mount namespace: an empty tmpfs over every directory on the way to
+    ``paths`` that others may not enter (``/root``, mode 0700), with ``paths`` bound back at
+    their places: another user can then use them, and sees nothing else there."""
+    fds = [(path, os.open(path, os.O_PATH)) for path in paths]
+    closed = sorted({a for path in paths for a in _closed_ancestors(path)}, key=len)
+    for directory in closed:
+        if os.path.isdir(directory):  # not already replaced by an outer tmpfs
+            kernel.mount("tmpfs", directory, "tmpfs", kernel.MS_NOSUID | kernel.MS_NODEV, "mode=0755")
+    for path, fd in fds:
+        os.makedirs(path, mode=0o755, exist_ok=True)  # in the tmpfs (umask 022 as root)
+        kernel.mount(f"/proc/self/fd/{fd}", path, flags=kernel.MS_BIND | kernel.MS_REC)
+        os.close(fd)
 
 
 def become_nobody() -> None:
     """Root → nobody, with nobody able to run this interpreter (see the module docstring)."""
-    sandbox, driver = import_sandbox()
-    driver._call("unshare", driver._CLONE_NEWNS)
-    driver._mount(None, "/", flags=driver._MS_REC | driver._MS_PRIVATE)
-    driver.expose(sandbox.exposure_steps(sandbox.interpreter_paths(), REPO))
+    host, kernel = import_sandbox()
+    kernel.call("unshare", kernel.CLONE_NEWNS)
+    kernel.mount(None, "/", flags=kernel.MS_REC | kernel.MS_PRIVATE)
+    expose(kernel, [p for p in host.interpreter_layout()["reads"] if not host.others_can_read(p)])
     os.setgroups([])
     os.setresgid(NOBODY, NOBODY, NOBODY)
     os.setresuid(NOBODY, NOBODY, NOBODY)  # root → non-root: every capability is gone
@@ -319,6 +409,7 @@ def unprivileged_main() -> dict:
         out[name] = {"status": r.status, "message": r.message, "stdout": r.stdout,
                      "left": sandbox_processes()}
     out["attacks"] = run_attacks(sandbox.run_program, quick, [True, False])
+    out["concurrent"] = concurrent_runs(sandbox.run_program, Limits(timeout_s=20.0))
     # Where namespaces are unavailable: refused, unless weak isolation is asked for; then the
     # guard alone has to catch the same attacks (except KERNEL_ONLY, its documented gaps).
     sandbox.isolation_problem = lambda python=sys.executable: "simulated: user namespaces disabled"
@@ -336,7 +427,23 @@ def unprivileged_main() -> dict:
         names = [n for n in _ATTACKS if n not in KERNEL_ONLY]
         out["weak_attacks"] = run_attacks(sandbox.run_program, quick, [True], names,
                                           allow_weak_isolation=True)
+        # Weak runs work in a directory on the host's disk: a tree deeper than rmtree copes with,
+        # made unreadable, must still go.
+        r = sandbox.run_program(DEEP_TREE, limits=quick, guard=False, allow_weak_isolation=True)
+        out["weak_deep"] = [r.status, r.stdout.strip(), os.path.exists(r.stdout.strip())]
     return out
+
+
+DEEP_TREE = """
+import os
+fd = os.open(".", os.O_RDONLY)
+for i in range(1100):
+    os.mkdir("d", dir_fd=fd)
+    fd, parent = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+    os.close(parent)
+os.chmod(".", 0o500)
+print(os.getcwd())
+"""
 
 
 if __name__ == "__main__":
