@@ -15,8 +15,10 @@ import torch
 
 from tests.crash import SimulatedCrash, crash_on_write, raise_crash
 from wmtp_fn.adapters import AdapterSpec, from_flat, to_flat
-from wmtp_fn.checkpoint import atomic_write_text, latest, read_checkpoint, read_seed_checkpoint, save_hf_lora, save_step
-from wmtp_fn.pipelines.common import start_run
+from wmtp_fn.adapters.seeds_io import read_seed_checkpoint, save_hf_lora
+from wmtp_fn.atomic import atomic_write_text
+from wmtp_fn.checkpoint import latest, read_checkpoint, save_step
+from wmtp_fn.pipelines.runner import start_run
 
 ROOT = Path(__file__).resolve().parents[1]
 

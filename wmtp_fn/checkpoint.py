@@ -79,7 +79,9 @@ def save_step(root: Path, step: int, tensors, meta, *, keep: int | None = 3, pro
     if keep is not None:
         steps = sorted(p for p in root.glob("step_*") if p.is_dir())
         for old in steps[:-keep]:
-            if protect is None or not protect(old.name):
+            # never the one just written: after a resume from an older `latest`, newer-numbered
+            # leftovers on disk would otherwise push it out while `latest` names it
+            if old.name != path.name and (protect is None or not protect(old.name)):
                 shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".step_*.tmp-*"):  # leftovers of a crashed write
         shutil.rmtree(stale, ignore_errors=True)
