@@ -63,6 +63,15 @@ def run_layers(layers, hidden: torch.Tensor, rope, mask, positions: torch.Tensor
     return hidden
 
 
+def unembedding(model: nn.Module) -> torch.Tensor:
+    """The unembedding weight `[V, d]` that hidden states after the final norm are scored with
+    (`lm_head.weight`, tied or not): the one place a sharded base will unshard it from."""
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no lm_head (load the base as a causal LM)")
+    return head.weight
+
+
 def decoder_forward(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Final (normalised) hidden states `[B, T, d]` of a `LlamaModel`-like module.
 

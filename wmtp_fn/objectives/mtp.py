@@ -13,6 +13,7 @@ from tensordict import TensorDict
 
 from wmtp_fn.adapters import AdapterSpec, bound
 from wmtp_fn.losses.mtp import head_ce_sums, mtp_count
+from wmtp_fn.models.llama import unembedding
 from wmtp_fn.models.mtp import MTPLlama
 from wmtp_fn.objectives import COUNT, Batch, Objective
 from wmtp_fn.objectives.detached import backward_through_detached
@@ -36,7 +37,7 @@ def mtp_objective(
     weighted CE the loss trains on), both means over the head's valid targets.
     """
     n_future = base.n_future
-    unembedding = base.lm_head.weight
+    unembedding_weight = unembedding(base)
 
     def count(batch: Batch) -> torch.Tensor:
         return mtp_count(batch, n_future=n_future)
@@ -50,7 +51,7 @@ def mtp_objective(
             def run(z: torch.Tensor) -> torch.Tensor:
                 h = base.head_hidden(trunk, k, z=z)
                 w_sum, u_sum = head_ce_sums(
-                    h, unembedding, labels, k + 1, attention_mask=mask, weights=weights, chunk_size=chunk_size
+                    h, unembedding_weight, labels, k + 1, attention_mask=mask, weights=weights, chunk_size=chunk_size
                 )
                 weighted.append(w_sum.detach())
                 plain.append(u_sum.detach())

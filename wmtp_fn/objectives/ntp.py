@@ -8,7 +8,7 @@ from torch import nn
 
 from wmtp_fn.adapters import AdapterSpec, apply
 from wmtp_fn.losses.ntp import ntp_count, ntp_sums_from_hidden
-from wmtp_fn.models.llama import HiddenStates
+from wmtp_fn.models.llama import HiddenStates, unembedding
 from wmtp_fn.objectives import Batch, Objective, weighted_sum
 
 
@@ -21,7 +21,7 @@ def ntp_objective(
     Batches: `input_ids [B, T]`, `labels [B, T]` (-100 = no loss), and an `attention_mask`
     only when they are not right-padded (see `models.llama.right_padded`). `train` turns the
     adapter's dropout on. No metrics beyond the step's own (its `loss` is the mean CE)."""
-    lm_head = base.lm_head.weight
+    lm_head = unembedding(base)
     trunk = HiddenStates(base)
 
     def loss(params: TensorDict, extra: TensorDict, batch: Batch, scale: torch.Tensor):
