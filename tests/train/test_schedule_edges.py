@@ -3,7 +3,7 @@
 
 import pytest
 
-from wmtp_fn.train.schedule import ScheduleConfig, lr_at
+from wmtp_fn.schedule import ScheduleConfig, lr_at
 
 
 @pytest.mark.parametrize(
