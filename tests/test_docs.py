@@ -25,6 +25,7 @@ def test_a_readme_python_block_runs_as_written(i, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}
     exec(compile(BLOCKS[i], f"README.md python block {i}", "exec"), namespace)
+    assert set(namespace) - {"__name__", "__builtins__"}, "the block defined nothing"
 
 
 def test_the_notebook_snippet_blends_two_adapters():

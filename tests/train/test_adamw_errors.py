@@ -84,6 +84,6 @@ def test_edge_values_are_accepted_and_mean_what_they_say(impl):
         grads = params(w=g.clone())
         p, state, stats = adamw.update(grads, state, p, lr=0.0, cfg=cfg)
         assert torch.equal(p["w"], torch.tensor([1.0, 2.0]))
-        assert torch.equal(state.mu["w"], g)  # m = (1 − β1)·g with β1 = 0
-        assert torch.allclose(state.nu["w"], 0.5 * g * g)
+        assert torch.equal(state["mu"]["w"], g)  # m = (1 − β1)·g with β1 = 0
+        assert torch.allclose(state["nu"]["w"], 0.5 * g * g)
         assert float(stats["grad_norm"]) == 5.0 and torch.equal(grads["w"], g)

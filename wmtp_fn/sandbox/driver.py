@@ -41,7 +41,9 @@ import marshal
 import os
 import sys
 
-from wmtp_fn.sandbox import guard, kernel, proxy
+import wmtp_fn.sandbox.guard as guard
+import wmtp_fn.sandbox.kernel as kernel
+import wmtp_fn.sandbox.proxy as proxy
 
 # What the host runs, ``python -S -s -B -c BOOTSTRAP``, with marshal of ``(modules, config,
 # source)`` on stdin: ``modules`` are this module and its siblings as ``(name, code)``, compiled

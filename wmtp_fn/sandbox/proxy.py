@@ -27,7 +27,7 @@ library only.
 import builtins
 import sys
 
-from wmtp_fn.sandbox import wire
+import wmtp_fn.sandbox.wire as wire
 
 MAX_REQUEST = 64 << 20
 MAX_REPLY = 64 << 20
