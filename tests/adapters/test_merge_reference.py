@@ -100,3 +100,36 @@ def test_export_merged_writes_the_tokenizer_beside_the_weights(base, tmp_path):
     assert out == tmp_path / "merged"
     again = AutoTokenizer.from_pretrained(out)
     assert again.get_vocab() == tok.get_vocab() and again.eos_token_id == tok.eos_token_id
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_merge_and_unmerge_keep_a_bf16_state_bf16(variant, base):
+    """Arithmetic in fp32, result cast back to each weight's dtype."""
+    adapter, spec = adapter_for(base, variant, seed=10)
+    state = {k: v.detach().bfloat16() for k, v in base.state_dict().items()}
+    merged = merge(state, adapter, spec)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert merged[key].dtype == torch.bfloat16
+    want = merge({k: v.float() for k, v in state.items()}, adapter, spec)[key]
+    assert torch.equal(merged[key], want.bfloat16())
+    norms = weight_norms(state, adapter, spec) if variant == "dora" else None
+    restored = unmerge(merged, adapter, spec, norms=norms)
+    assert restored[key].dtype == torch.bfloat16
+    want = unmerge({k: v.float() for k, v in merged.items()}, adapter, spec, norms=norms)[key]
+    assert torch.equal(restored[key], want.bfloat16())
+
+
+def test_dora_unmerge_without_norms_message(base):
+    adapter, spec = adapter_for(base, "dora")
+    with pytest.raises(ValueError) as info:
+        unmerge(base.state_dict(), adapter, spec)
+    assert str(info.value) == "unmerging a DoRA adapter needs norms=weight_norms(base_state, adapter, spec)"
+
+
+def test_export_merged_writes_safetensors(base, tmp_path):
+    from wmtp_fn.adapters import export_merged
+
+    adapter, spec = adapter_for(base, "lora")
+    out = export_merged(base, adapter, spec, tmp_path / "merged")
+    names = {p.name for p in out.iterdir()}
+    assert "model.safetensors" in names and not any(n.endswith(".bin") for n in names)

@@ -96,6 +96,7 @@ def test_json_round_trip_and_replace():
     assert AdapterSpec.from_dict(d) == spec
     plain = AdapterSpec(rank=2)
     assert plain.to_dict()["layers"] is None and AdapterSpec.from_dict(plain.to_dict()) == plain
+    assert AdapterSpec.from_dict({"rank": 2}) == AdapterSpec(rank=2)  # absent fields take their defaults
     changed = spec.replace(rank=8)
     assert changed.rank == 8 and spec.rank == 4 and changed.targets == spec.targets
 
