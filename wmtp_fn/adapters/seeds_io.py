@@ -73,15 +73,9 @@ def save_hf_lora(
     return Path(path)
 
 
-def read_seed_checkpoint(path: Path, model: nn.Module | None = None, *, trusted: bool = False) -> SeedCheckpoint:
-    """Read an `hf_lora` or legacy `full` checkpoint.
-
-    hf_lora keys are module paths relative to the model the seeds wrapped (`LlamaForCausalLM`
-    for ref_tuning: `model.layers.…`; `LlamaModel` for the critic: `layers.…`); with `model`
-    they are re-rooted onto it when needed and strictly validated. `trusted=True` allows
-    arbitrary pickled objects (`weights_only=False`): only for files you made.
-    """
-    path = Path(path)
+def load_torch_dict(path: Path, *, trusted: bool = False) -> dict:
+    """A `torch.save`d dict of the research code, read weights-only unless `trusted` (arbitrary
+    pickled objects: only for files you made); a `CheckpointError` naming the file otherwise."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=not trusted)
     except FileNotFoundError:
@@ -93,6 +87,19 @@ def read_seed_checkpoint(path: Path, model: nn.Module | None = None, *, trusted:
         ) from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    return obj
+
+
+def read_seed_checkpoint(path: Path, model: nn.Module | None = None, *, trusted: bool = False) -> SeedCheckpoint:
+    """Read an `hf_lora` or legacy `full` checkpoint.
+
+    hf_lora keys are module paths relative to the model the seeds wrapped (`LlamaForCausalLM`
+    for ref_tuning: `model.layers.…`; `LlamaModel` for the critic: `layers.…`); with `model`
+    they are re-rooted onto it when needed and strictly validated. `trusted=True` allows
+    arbitrary pickled objects (`weights_only=False`): only for files you made.
+    """
+    path = Path(path)
+    obj = load_torch_dict(path, trusted=trusted)
     kind = obj.get("checkpoint_type", "full")
     meta = {k: obj.get(k) for k in ("base_model_path", "epoch", "train_metrics", "val_metrics", "config")}
     value_head = dict(obj.get("value_head_state_dict") or {})

@@ -99,7 +99,7 @@ def open_base(
     if is_mtp_config(cfg):
         module = freeze(load_mtp(path, dtype=dtype, device=device, attn_implementation=attn_implementation))
         return Base.of(module, "mtp", path)
-    return Base.of(load_base(path, kind=kind, dtype=dtype, device=device, attn_implementation=attn_implementation), kind, path)
+    return Base.of(_load_llama(path, kind, dtype, device, attn_implementation), kind, path)
 
 
 def load_base(
@@ -113,8 +113,13 @@ def load_base(
     """Load a HuggingFace Llama from a local directory (`from_pretrained`), frozen, in eval mode.
     The directory is checked first (`check_base_dir`), so another architecture is refused before
     any weight is read. `open_base` returns the module with its record."""
-    path = Path(path)
     check_base_dir(path, key="base directory")
+    return _load_llama(path, kind, dtype, device, attn_implementation)
+
+
+def _load_llama(path, kind: str, dtype, device, attn_implementation: str | None) -> nn.Module:
+    """`from_pretrained` of a checked directory, frozen and moved to `device`."""
+    path = Path(path)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     kwargs = {"dtype": dtype}

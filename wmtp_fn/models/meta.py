@@ -186,18 +186,13 @@ def read_seeds_policy(path: str | Path, config, *, trusted: bool = False):
     weight in the file is kept (the seeds' own evaluation rebuilt attention-only adapters from
     this config and silently dropped the FFN LoRA weights).
     """
+    from wmtp_fn.adapters.seeds_io import load_torch_dict
     from wmtp_fn.adapters.spec import META_ALIASES, AdapterSpec
 
     path = Path(path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=not trusted)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # noqa: BLE001 - torch raises several types for unpicklable content
-        raise ValueError(f"{path}: cannot read as a weights-only torch checkpoint ({type(e).__name__}); "
-                         "if you trust this file, pass trusted=True") from None
-    if not isinstance(obj, dict) or obj.get("checkpoint_type") != "lora":
-        kind = obj.get("checkpoint_type") if isinstance(obj, dict) else type(obj).__name__
+    obj = load_torch_dict(path, trusted=trusted)
+    if obj.get("checkpoint_type") != "lora":
+        kind = obj.get("checkpoint_type")
         raise ValueError(f"{path}: expected the seeds' MTP policy checkpoint (checkpoint_type 'lora'), got {kind!r}")
     for key in ("lora_state_dict", "lora_config"):
         if key not in obj:
