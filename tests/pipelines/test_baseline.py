@@ -1,8 +1,6 @@
 """baseline end to end on the embedded default: the tiny Llama turned into an MTP base."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
@@ -11,24 +9,13 @@ from wmtp_fn.adapters import install_slots, to_flat
 from wmtp_fn.models.base import load_base
 from wmtp_fn.models.meta import read_seeds_policy
 from wmtp_fn.models.mtp import mtp_from_llama
+from tests.pipelines.experiment import experiment
 from wmtp_fn.run import run_config
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(out_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("baseline_cfg", ROOT / "experiments" / "baseline.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    cfg.out_dir = str(out_dir)
-    for dotted, value in overrides.items():
-        node = cfg
-        *path, leaf = dotted.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return cfg
+    return experiment("baseline", out_dir, **overrides)
 
 
 def test_baseline_lowers_validation_loss_logs_every_head_and_reloads(tmp_path):

@@ -1,6 +1,5 @@
 """ref_tuning end to end on the embedded default (tiny Llama, bundled HumanEval data, CPU)."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,25 +13,14 @@ from wmtp_fn.adapters.seeds_io import read_seed_checkpoint
 from wmtp_fn.atomic import atomic_write_text
 from wmtp_fn.errors import ConfigError
 from wmtp_fn.models.base import load_base
+from tests.pipelines.experiment import experiment
 from wmtp_fn.run import run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def config(out_dir, **overrides):
-    spec = importlib.util.spec_from_file_location("ref_tuning_cfg", ROOT / "experiments" / "ref_tuning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    cfg.out_dir = str(out_dir)
-    cfg.train.log_every = 2
-    for dotted, value in overrides.items():
-        node = cfg
-        *path, leaf = dotted.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
-    return cfg
+    return experiment("ref_tuning", out_dir, **{"train.log_every": 2, **overrides})
 
 
 def test_embedded_ref_tuning_lowers_validation_loss_and_writes_the_adapter(tmp_path):
