@@ -131,7 +131,11 @@ threading.Thread(target=lambda: [forge(b"passed") for _ in range(5)], daemon=Tru
 time.sleep(0.3)
 '''
     result = verify_record(wrong_he0(attack), limits=FAST)
-    assert (result.status, result.message) == ("failed", "AssertionError"), result
+    # The forgers may also scribble on the candidate's own answer channel (a grandchild inherits
+    # it), which fails the run as a corrupt answer instead of at the assertion: both are fails.
+    assert result.status == "failed", result
+    assert result.message == "AssertionError" or result.message.startswith(
+        "sandbox: the candidate's answer is not a value"), result
 
 
 def test_candidate_never_holds_the_tests_or_the_judges_nonce(monkeypatch):
