@@ -25,7 +25,17 @@ from ml_collections import ConfigDict
 from wmtp_fn.config import apply_override, describe, load_config
 from wmtp_fn.errors import ConfigError, Interrupted, WmtpError
 
-PIPELINES = ("ref_tuning", "baseline")
+def pipelines() -> tuple[str, ...]:
+    """Every module of `wmtp_fn.pipelines` but the shared wiring: a pipeline is a file there
+    with a `run(config)`."""
+    import pkgutil
+
+    import wmtp_fn.pipelines as package
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(package.__path__) if m.name != "runner"))
+
+
+PIPELINES = pipelines()
 
 USAGE = """\
 usage: python -m wmtp_fn --config CONFIG [--config.KEY=VALUE ...] [--debug]
