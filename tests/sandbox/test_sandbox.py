@@ -12,11 +12,13 @@ import importlib.util
 import json
 import os
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -521,11 +523,22 @@ def test_refuses_when_isolation_fails_at_run_time(monkeypatch):
 # ---------------------------------------------------------------- an unprivileged host
 
 
+def _closed_to_others(path: str) -> str | None:
+    """The first directory above `path` that other users cannot enter (e.g. a venv under
+    /root), or None."""
+    for parent in Path(path).absolute().parents:
+        if not os.stat(parent).st_mode & stat.S_IXOTH:
+            return str(parent)
+    return None
+
+
 @pytest.fixture(scope="module")
 def unprivileged():
     """attacks.py run as an unprivileged host (as nobody when we are root)."""
     if not ROOT and WEAK:
         pytest.skip(f"no kernel isolation here: {isolation_problem()}")
+    if ROOT and (closed := _closed_to_others(sys.executable)):
+        pytest.skip(f"nobody cannot reach this interpreter: {closed} is closed to other users")
     proc = subprocess.run([sys.executable, ATTACKS_PATH], cwd=REPO, capture_output=True, text=True,
                           timeout=120, check=False,
                           env={"PATH": os.environ["PATH"], "WMTP_SECRET": attacks.SECRET})
