@@ -17,7 +17,7 @@ from wmtp_fn.data.encode import encode_many
 from wmtp_fn.data.index import Index, build_index, check_fresh, read_many, subset
 from wmtp_fn.data.sampling import Cursor, next_batch, sample_by_difficulty
 from wmtp_fn.data.schema import DataError
-from wmtp_fn.data.split import split_problems
+from wmtp_fn.data.split import configured_held_out, run_splits
 from wmtp_fn.errors import ConfigError
 from wmtp_fn.models.llama import right_padded
 
@@ -37,13 +37,15 @@ class RecordSet:
 
 def record_sets(data_cfg: ConfigDict, seed: int) -> tuple[RecordSet, RecordSet]:
     """Train and validation records by difficulty sampling (docs/data.md, "Sampling"): the
-    validation file, or `val_fraction` of the train file's problems held out."""
+    validation file, or `val_fraction` of the train file's problems; the problems of
+    `data.heldout_fraction` (an evaluation split) are in neither."""
     train_path = data_cfg.train_path or str(embedded_dataset_path())
     index = build_index(_input_file(train_path, "data.train_path"))
     if data_cfg.val_path:
-        train_index, val_index = index, build_index(_input_file(data_cfg.val_path, "data.val_path"))
+        rest, _ = configured_held_out(index, data_cfg)
+        train_index, val_index = subset(index, rest), build_index(_input_file(data_cfg.val_path, "data.val_path"))
     else:
-        train_ids, val_ids = split_problems(index, data_cfg.val_fraction, seed)
+        train_ids, val_ids, _ = run_splits(index, data_cfg, seed)
         train_index, val_index = subset(index, train_ids), subset(index, val_ids)
     bins, weights = dict(data_cfg.difficulty_bins), dict(data_cfg.difficulty_weights)
     ratio = float(data_cfg.correct_ratio)
@@ -57,6 +59,17 @@ def record_sets(data_cfg: ConfigDict, seed: int) -> tuple[RecordSet, RecordSet]:
         return RecordSet(idx, tuple(offsets))
 
     return draw(train_index, data_cfg.n_samples), draw(val_index, data_cfg.val_n_samples)
+
+
+def trained_problem_ids(flat_config: Mapping[str, object]) -> set[str]:
+    """The problem ids a run could have trained on, from its saved flat config (`config.json`,
+    or the `config` of an adapter's metadata): its train file's problems minus the held-out and
+    validation ones. What an evaluation must not score as unseen."""
+    data = ConfigDict({k.removeprefix("data."): v for k, v in flat_config.items() if k.startswith("data.")})
+    index = build_index(_input_file(data.get("train_path") or str(embedded_dataset_path()), "data.train_path"))
+    if data.get("val_path"):
+        return set(configured_held_out(index, data)[0])
+    return set(run_splits(index, data, int(flat_config["seed"]))[0])
 
 
 def _input_file(path: str, key: str) -> str:

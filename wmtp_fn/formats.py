@@ -1,5 +1,7 @@
 """Read an adapter from any format the project writes or reads, detected from the path.
 
+Above `adapters`, `checkpoint` and `models` (it reads all three formats' modules).
+
     read_adapter(path, base) -> (adapter, spec)
 
 - a project checkpoint directory (`meta.json`: `checkpoint.save_params` or a run checkpoint),

@@ -6,7 +6,7 @@ from tensordict import TensorDict
 
 from wmtp_fn import checkpoint
 from wmtp_fn.adapters import AdapterSpec, apply, export_peft, init, install_slots, to_flat
-from wmtp_fn.adapters.formats import adapter_format, read_adapter
+from wmtp_fn.formats import adapter_format, read_adapter
 from wmtp_fn.adapters.seeds_io import save_hf_lora
 from wmtp_fn.errors import CheckpointError
 from wmtp_fn.models.base import Base, build_base, tiny_llama_config
