@@ -30,7 +30,7 @@ def config(name, out_dir, **overrides):
 def reference(tmp_path_factory):
     """A ref_tuning run directory: the reference adapter, on the embedded tiny Llama."""
     out = tmp_path_factory.mktemp("ref_tuning")
-    run_config(config("ref_tuning", out, **{"train.steps": 20, "train.eval_every": 0}))
+    run_config(config("ref_tuning", out, **{"train.steps": 20, "train.eval_every": 0, "export.peft": True}))
     return out
 
 
@@ -68,10 +68,12 @@ def test_rho1_lowers_validation_loss_logs_the_selection_and_uses_the_trained_ref
     assert abs(first["val_ce/0"] - ref_val) > 1e-2  # the fresh policy is not the reference
 
 
-def test_the_reference_and_the_policy_share_one_base_module(reference, tmp_path):
+@pytest.mark.parametrize("where", [".", "adapter", "adapter.hf_lora.pt", "peft"])
+def test_the_reference_and_the_policy_share_one_base_module(where, reference, tmp_path):
     """One loss call runs only the session's base modules; head 0's layer runs twice (the
-    reference with its adapter bound, then the policy), every extra head once."""
-    session, recipe = open_rho1(config("rho1", tmp_path, **{"rho1.reference": str(reference)}))
+    reference with its adapter bound, then the policy), every extra head once. The reference
+    given as the run directory, its adapter/, its hf_lora file or its PEFT export is the same adapter."""
+    session, recipe = open_rho1(config("rho1", tmp_path, **{"rho1.reference": str(reference / where)}))
     module = session.base.module
     base_storages = {p.untyped_storage().data_ptr() for p in module.parameters()}
     ref_adapter = to_flat(checkpoint.load_params(reference / "adapter")[0]["lora"])
