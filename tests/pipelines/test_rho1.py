@@ -2,7 +2,9 @@
 reference, on the tiny Llama turned into an MTP base."""
 
 import json
+import math
 from collections import Counter
+from fractions import Fraction
 
 import pytest
 import torch
@@ -95,6 +97,21 @@ def test_the_reference_and_the_policy_share_one_base_module(where, reference, tm
     assert calls[module.model.layers[0]] == 2 and all(calls[layer] == 1 for layer in module.extra_heads)
     assert torch.equal(bound_A[0], ref_adapter[f"{q0}.lora_A"])  # the reference adapter first
     assert torch.equal(bound_A[1], to_flat(recipe.params["policy"])[f"{q0}.lora_A"])
+
+
+def test_the_scope_key_chooses_what_the_ratio_is_taken_over(reference, tmp_path):
+    """rho1.scope=step selects exactly ceil(0.7 N) of the step's N valid tokens per head; the
+    micro-batch scope rounds up per micro-batch, so some step of two micro-batches selects more."""
+    counts = {}
+    for scope in ("step", "micro_batch"):
+        run_config(config("rho1", tmp_path / scope, **{"rho1.reference": str(reference), "rho1.scope": scope,
+                                                       "train.steps": 3, "train.log_every": 1, "train.eval_every": 0}))
+        counts[scope] = [(r[f"selected/{k}"], r[f"valid/{k}"]) for r in rows(tmp_path / scope) if "loss" in r
+                         for k in range(H)]
+    exact = [math.ceil(Fraction(7, 10) * int(valid)) for _, valid in counts["step"]]
+    assert [int(sel) for sel, _ in counts["step"]] == exact
+    assert [v for _, v in counts["micro_batch"]] == [v for _, v in counts["step"]]  # the same batches
+    assert any(sel > want for (sel, _), want in zip(counts["micro_batch"], exact))
 
 
 def test_a_reference_made_for_another_base_is_refused_naming_the_key(reference, tmp_path):
