@@ -15,7 +15,8 @@ from wmtp_fn import checkpoint
 from wmtp_fn.adapters import to_flat
 from wmtp_fn.data.embedded import embedded_tokenizer_path
 from wmtp_fn.errors import CheckpointError, ConfigError
-from wmtp_fn.models.base import build_base
+from wmtp_fn.models.base import build_base, load_base
+from wmtp_fn.models.mtp import mtp_from_llama, save_mtp
 from wmtp_fn.pipelines.rho1 import open_rho1
 from wmtp_fn.run import run_config
 from tests.pipelines.experiment import experiment
@@ -135,6 +136,14 @@ def test_a_bad_rho1_key_is_one_error_naming_it_before_anything_is_written(key, v
     cfg = config("rho1", tmp_path / "run", **{"rho1.reference": str(tmp_path), key: value})
     (tmp_path / "meta.json").write_text("{}")  # passes the format check; the key under test fails first
     with pytest.raises(ConfigError, match=match):
+        run_config(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_mtp_base_path_is_refused_it_has_no_llama_for_the_reference(reference, tmp_path):
+    save_mtp(mtp_from_llama(load_base(reference / "base"), H), tmp_path / "mtp")
+    cfg = config("rho1", tmp_path / "run", **{"rho1.reference": str(reference), "base.path": str(tmp_path / "mtp")})
+    with pytest.raises(ConfigError, match=r"^base\.path: .* is already an MTP base; .* give that Llama directory"):
         run_config(cfg)
     assert not (tmp_path / "run").exists()
 
