@@ -19,7 +19,7 @@ from tensordict import TensorDict
 
 from wmtp_fn.adapters import AdapterSpec, install_slots
 from wmtp_fn.adapters import init as init_adapter
-from wmtp_fn.adapters.formats import adapter_format, read_adapter
+from wmtp_fn.formats import adapter_format, read_adapter
 from wmtp_fn.errors import CheckpointError, ConfigError
 from wmtp_fn.losses.rho1 import MODES
 from wmtp_fn.models.base import Base, check_base_dir
