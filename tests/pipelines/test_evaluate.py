@@ -104,3 +104,17 @@ def test_heldout_split_is_the_training_runs_validation_problems():
     _, val = embedded_split(0.1, 42)  # what ref_tuning's default run validates on
     assert selection == sorted(val["problems"]) and [p.task_id for p in problems] == selection
     assert len(selection) == 16 and "held-out" in origin
+
+
+def test_an_mtp_base_generates_with_head_0(tmp_path):
+    """A Llama turned into an MTP base keeps its trunk and last layer as head 0, so the base's
+    samples are the Llama's: the MTP path generates with head 0 and nothing else."""
+    flags = {**TINY, **EVAL, "eval.problems": ("HumanEval/0",), "eval.ks": (1,), "eval.max_new_tokens": 12}
+    llama = run_config(experiment("evaluate", tmp_path / "llama", **flags))
+    mtp = run_config(experiment("evaluate", tmp_path / "mtp", **flags, **{"base.mtp_n_future": 3}))
+    assert mtp.report["settings"]["extra"]["base_kind"] == "mtp"
+
+    def generations(result):
+        return [r["generation"] for r in stream_jsonl(str(result.out_dir / "results" / "base" / "samples.jsonl"))]
+
+    assert generations(mtp) == generations(llama) and len(set(generations(llama))) == 2
