@@ -84,12 +84,12 @@ def make_adapter(model, args):
 
 def hf_generate(model, tokenizer, prompts, sampling: Sampling, seed: int) -> list[list[int]]:
     """Plain transformers generate over the same sorted, left-padded batches as ours."""
-    from wmtp_fn.eval.generate import _generation_config, batch_seed
+    from wmtp_fn.eval.generate import generation_config, batch_seed
 
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     out: dict[int, list[int]] = {}
-    config = _generation_config(sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    config = generation_config(sampling, tokenizer.eos_token_id, tokenizer.pad_token_id)
     device = next(model.parameters()).device
     for b in range(0, len(order), sampling.batch_size):
         rows = order[b: b + sampling.batch_size]

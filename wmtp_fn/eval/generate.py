@@ -159,7 +159,7 @@ def batch_seed(seed: int, batch_index: int) -> int:
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1)[0])
 
 
-def _generation_config(sampling: Sampling, eos_id: int, pad_id: int):
+def generation_config(sampling: Sampling, eos_id: int, pad_id: int):
     """Plain temperature + top-p sampling: transformers' default top-k (50) is switched off
     explicitly, the rest of the blank config is neutral."""
     from transformers import GenerationConfig
@@ -190,7 +190,7 @@ def _generate_batch(view: nn.Module, tokenizer, prompt_ids: list[list[int]], sam
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = view.generate(
-            input_ids=ids, attention_mask=mask, generation_config=_generation_config(sampling, eos_id, pad_id),
+            input_ids=ids, attention_mask=mask, generation_config=generation_config(sampling, eos_id, pad_id),
             stopping_criteria=StoppingCriteriaList([criterion]),
         )
     gens = []
