@@ -27,7 +27,7 @@ from wmtp_fn.data.jsonl import iter_located
 from wmtp_fn.data.schema import DataError, location
 from wmtp_fn.data.template import render_prompt
 from wmtp_fn.errors import ConfigError
-from wmtp_fn.eval.extract import answer_code, chat_completion, humaneval_program, raw_completion
+from wmtp_fn.eval.extract import HUMANEVAL_STOPS, answer_code, chat_completion, humaneval_program, raw_completion
 
 PROMPT_FORMATS: tuple[str, ...] = ("raw", "mbpp_alpaca", "codecontests_alpaca", "chat")
 
@@ -166,6 +166,14 @@ def prompt_for(problem: Problem, prompt_format: str, *, tokenizer: Any = None) -
     if prompt_format == "codecontests_alpaca":
         return codecontests_prompt(problem.prompt)
     return chat_prompt(problem.prompt, tokenizer)
+
+
+def stops_for(prompt_format: str) -> tuple[str, ...]:
+    """The stop sequences that may end generation early in ``prompt_format`` without changing
+    the extracted completion: HumanEval's for a raw continuation (``completion_for`` cuts
+    there anyway); none for answers, whose code block may be followed by anything."""
+    check_prompt_format(prompt_format)
+    return HUMANEVAL_STOPS if prompt_format == "raw" else ()
 
 
 def completion_for(problem: Problem, text: str, prompt_format: str) -> str:
