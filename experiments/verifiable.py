@@ -58,7 +58,9 @@ def get_config() -> ConfigDict:
     c.data = ConfigDict()
     c.data.train_path = ""  # JSONL records (docs/data.md); "" = the embedded HumanEval data
     c.data.val_path = ""  # "" = hold out `val_fraction` of the train problems
-    c.data.val_fraction = 0.1  # share of the problems held out for validation
+    c.data.val_fraction = 0.1  # share of the (not held-out) problems used for validation
+    c.data.heldout_fraction = 0.0  # share of the problems kept out of training and validation, to evaluate on
+    c.data.heldout_seed = 0  # the held-out split's own seed (the same set for every run seed)
     c.data.tokenizer = ""  # a tokenizer directory; "" = the base's own, or the embedded one
     c.data.use_chat_template = False  # the tokenizer's chat template instead of Alpaca
     c.data.max_length = 768  # the embedded data: longest record 751 tokens

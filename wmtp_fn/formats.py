@@ -92,3 +92,24 @@ def read_adapter(path: str | Path, base, *, name: str | None = None, trusted: bo
     if not check_base:  # PEFT and the seeds' policy files carry none: record the base it fits
         spec = spec.replace(base_fingerprint=fingerprint)
     return adapter.to(next(module.parameters()).device), spec
+
+
+def adapter_run_config(path: str | Path) -> dict | None:
+    """The flat config of the run that trained the adapter at `path` (what it trained on), or
+    None when the format records none (PEFT) or records it in another layout."""
+    path = Path(path)
+    kind = adapter_format(path)
+    if kind == "peft":
+        return None
+    if kind == "project":
+        import json
+
+        root = path if (path / "meta.json").is_file() else path / "adapter"
+        config = json.loads((root / "meta.json").read_text()).get("config")
+    else:
+        from wmtp_fn.adapters.seeds_io import load_torch_dict
+
+        config = load_torch_dict(path).get("config")
+    # the project's flat config (`seed`, `data.*` keys); the seeds' nested configs say nothing usable
+    flat = isinstance(config, dict) and "seed" in config and any(str(k).startswith("data.") for k in config)
+    return dict(config) if flat else None

@@ -13,7 +13,10 @@ from tests.eval.local_runner import run_many
 from tests.pipelines.experiment import ROOT, experiment
 from tests.pipelines.tiny import tiny_config
 from wmtp_fn.formats import read_adapter
-from wmtp_fn.data.embedded import embedded_split
+from wmtp_fn.data.embedded import embedded_dataset_path
+from wmtp_fn.data.index import build_index
+from wmtp_fn.data.split import held_out_problems
+from wmtp_fn.data.stream import trained_problem_ids
 from wmtp_fn.errors import ConfigError
 from wmtp_fn.eval.generate import Sampling, generate_samples, next_token_model
 from wmtp_fn.eval.prompts import HUMANEVAL_STOPS, load_humaneval, program_for
@@ -21,14 +24,15 @@ from wmtp_fn.pipelines.evaluate import load_problems, open_eval_base, parse_adap
 from wmtp_fn.pipelines.runner import load_tokenizer
 from wmtp_fn.run import main, run_config
 
-PROBLEMS = ["HumanEval/2", "HumanEval/0", "HumanEval/53"]
+HELD_OUT = held_out_problems(build_index(str(embedded_dataset_path())), 0.5)[1]
+PROBLEMS = [HELD_OUT[5], HELD_OUT[0], HELD_OUT[40]]  # not in sorted order: the selection's order is kept
 TINY = {"base.tiny_hidden_size": 64, "base.tiny_layers": 1}
 EVAL = {"eval.n_samples": 2, "eval.max_new_tokens": 24, "eval.batch_size": 4, "eval.temperature": 0.8,
         "eval.n_boot": 200, "sandbox.workers": 2, "sandbox.timeout_s": 5.0}
 
 
 def test_evaluate_base_and_a_trained_adapter_from_the_command_line(tmp_path, capsys):
-    ref = run_config(tiny_config(tmp_path / "ref"))
+    ref = run_config(tiny_config(tmp_path / "ref", **{"data.heldout_fraction": 0.5}))
     out = tmp_path / "eval"
     flags = {**TINY, **EVAL, "out_dir": out, "eval.problems": ",".join(PROBLEMS),
              "eval.adapters": f"base,ref={ref.out_dir}", "eval.baseline": "base", "eval.ks": "1,2,5"}
@@ -43,7 +47,8 @@ def test_evaluate_base_and_a_trained_adapter_from_the_command_line(tmp_path, cap
         assert set(table["skipped"]) == {"pass@5"}  # k > n is reported as not computed
     markdown = (out / "report.md").read_text()
     assert "| base | raw | 3 | 2 |" in markdown and "| ref | raw | 3 | 2 |" in markdown
-    assert "3 selected: HumanEval/2, HumanEval/0, HumanEval/53" in markdown
+    assert f"3 selected: {', '.join(PROBLEMS)}" in markdown
+    assert report["settings"]["extra"]["trained_on_evaluated_problems"] == {"ref": 0}
 
     problems = {p.task_id: p for p in load_humaneval(problems=PROBLEMS)}
     samples = {}
@@ -98,12 +103,32 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
-def test_heldout_split_is_the_training_runs_validation_problems():
+def test_heldout_split_is_the_problems_training_runs_hold_out():
     config = experiment("evaluate", "unused", **{"eval.split": "heldout", "eval.benchmark": "records"})
     problems, selection, origin = load_problems(config.eval)
-    _, val = embedded_split(0.1, 42)  # what ref_tuning's default run validates on
-    assert selection == sorted(val["problems"]) and [p.task_id for p in problems] == selection
-    assert len(selection) == 16 and "held-out" in origin
+    assert selection == HELD_OUT and [p.task_id for p in problems] == selection
+    assert len(selection) == 82 and "held-out" in origin
+
+
+def test_an_adapter_is_not_evaluated_on_problems_it_trained_on(tmp_path, capsys):
+    """The held-out split is enforced: the run config an adapter carries says which problems it
+    could have trained on; evaluating it on one of them is refused (before anything is written),
+    or, when allowed, counted in the report."""
+    ref = run_config(tiny_config(tmp_path / "ref", **{"train.steps": 1, "export.peft": True}))  # no held-out split
+    trained = sorted(trained_problem_ids(json.loads((ref.out_dir / "config.json").read_text())))
+    validated = sorted(set(build_index(str(embedded_dataset_path()))["problems"]) - set(trained))  # its val split
+    assert len(trained) == 148 and len(validated) == 16
+    out = tmp_path / "eval"
+    flags = {**TINY, **EVAL, "eval.problems": (trained[0], validated[0]), "eval.ks": (1,), "eval.max_new_tokens": 4,
+             "eval.adapters": (f"ref={ref.out_dir}", f"hf={ref.out_dir / 'adapter.hf_lora.pt'}")}
+    with pytest.raises(ConfigError, match=rf"eval.adapters: ref .* was trained on 1 of the 2 evaluated problems \(e.g. {trained[0]}\)"):
+        run_config(experiment("evaluate", out, **flags))
+    assert not out.exists()
+    result = run_config(experiment("evaluate", out, **flags, **{"eval.allow_trained_problems": True}))
+    assert result.report["settings"]["extra"]["trained_on_evaluated_problems"] == {"ref": 1, "hf": 1}
+    peft = run_config(experiment("evaluate", tmp_path / "peft", **{**flags, "eval.adapters": (f"p={ref.out_dir / 'peft'}",)}))
+    assert peft.report["settings"]["extra"]["trained_on_evaluated_problems"] == {"p": "unknown"}
+    assert "records no training run config" in capsys.readouterr().out
 
 
 def test_an_mtp_base_generates_with_head_0(tmp_path):

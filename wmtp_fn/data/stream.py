@@ -65,7 +65,8 @@ def trained_problem_ids(flat_config: Mapping[str, object]) -> set[str]:
     """The problem ids a run could have trained on, from its saved flat config (`config.json`,
     or the `config` of an adapter's metadata): its train file's problems minus the held-out and
     validation ones. What an evaluation must not score as unseen."""
-    data = ConfigDict({k.removeprefix("data."): v for k, v in flat_config.items() if k.startswith("data.")})
+    data = ConfigDict({k.removeprefix("data."): v for k, v in flat_config.items()
+                       if k.startswith("data.") and k.count(".") == 1})
     index = build_index(_input_file(data.get("train_path") or str(embedded_dataset_path()), "data.train_path"))
     if data.get("val_path"):
         return set(configured_held_out(index, data)[0])

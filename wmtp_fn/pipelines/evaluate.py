@@ -71,15 +71,50 @@ def parse_adapters(items) -> list[tuple[str, str | None]]:
 
 
 def heldout_ids(ev: ConfigDict) -> list[str]:
-    """The problems a training run held out (its data file, val_fraction and seed)."""
+    """The problems training runs hold out for evaluation: `data.heldout_fraction` /
+    `data.heldout_seed` of the training data (given as `eval.split_data`, `eval.heldout_fraction`,
+    `eval.heldout_seed`)."""
     from wmtp_fn.data.embedded import embedded_dataset_path
     from wmtp_fn.data.index import build_index
-    from wmtp_fn.data.split import split_problems
+    from wmtp_fn.data.split import configured_held_out
 
     path = ev.split_data or str(embedded_dataset_path())
     if not Path(path).is_file():
         raise ConfigError(f"eval.split_data: {path!r} is not a file")
-    return split_problems(build_index(path), float(ev.split_val_fraction), int(ev.split_seed))[1]
+    if not ev.heldout_fraction > 0:
+        raise ConfigError(f"eval.split='heldout' needs eval.heldout_fraction > 0 (the training runs' "
+                          f"data.heldout_fraction), got {ev.heldout_fraction!r}")
+    cfg = ConfigDict({"heldout_fraction": float(ev.heldout_fraction), "heldout_seed": int(ev.heldout_seed)})
+    return configured_held_out(build_index(path), cfg)[1]
+
+
+def trained_on(adapters: list[tuple[str, str | None]], task_ids: list[str], *, allow: bool) -> dict[str, Any]:
+    """Per adapter, the evaluated problems its training run could have seen (from the run
+    config the adapter carries: `data.*` and `seed`); `None` when the adapter records no run
+    config (PEFT, foreign files). Any overlap is refused unless `allow` (then it is reported)."""
+    from wmtp_fn.data.stream import trained_problem_ids
+    from wmtp_fn.formats import adapter_run_config
+
+    found: dict[str, Any] = {}
+    for name, path in adapters:
+        if path is None:
+            continue
+        flat = adapter_run_config(path)
+        if flat is None or "seed" not in flat:
+            found[name] = None
+            print(f"warning: eval.adapters: {name} ({path}) records no training run config; "
+                  "whether it saw the evaluated problems is unknown")
+            continue
+        overlap = sorted(set(task_ids) & trained_problem_ids(flat))
+        found[name] = overlap
+        if overlap and not allow:
+            raise ConfigError(
+                f"eval.adapters: {name} ({path}) was trained on {len(overlap)} of the {len(task_ids)} evaluated "
+                f"problems (e.g. {overlap[0]}); evaluate the problems its run held out (train with "
+                "data.heldout_fraction, evaluate with eval.split=heldout), or set eval.allow_trained_problems=true "
+                "to report them flagged"
+            )
+    return found
 
 
 def load_problems(ev: ConfigDict) -> tuple[list[Problem], list[str] | None, str]:
@@ -94,8 +129,8 @@ def load_problems(ev: ConfigDict) -> tuple[list[Problem], list[str] | None, str]
         if selection:
             raise ConfigError("eval.problems and eval.split='heldout' both select problems; set one")
         selection = heldout_ids(ev)
-        origin = (f"held-out split of {ev.split_data or 'the embedded data'} (val_fraction "
-                  f"{ev.split_val_fraction}, seed {ev.split_seed})")
+        origin = (f"held-out split of {ev.split_data or 'the embedded data'} (heldout_fraction "
+                  f"{ev.heldout_fraction}, heldout_seed {ev.heldout_seed})")
     if ev.benchmark == "humaneval":
         problems = load_humaneval(problems=selection)
     else:
@@ -171,6 +206,7 @@ def run(config: ConfigDict) -> EvalResult:
                         stops=stops_for(ev.prompt_format), batch_size=ev.batch_size)
     limits = sandbox_limits(config.sandbox)
     prompts = [prompt_for(p, ev.prompt_format, tokenizer=tokenizer) for p in problems]
+    seen = trained_on(adapters, [p.task_id for p in problems], allow=ev.allow_trained_problems)
 
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +241,8 @@ def run(config: ConfigDict) -> EvalResult:
                "stops": list(sampling.stops), "batch_size": ev.batch_size, "base": str(base.path),
                "base_kind": base.kind, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                "adapters": {n: p for n, p in adapters}, "sandbox": {"timeout_s": limits.timeout_s,
-               "memory_bytes": limits.memory_bytes, "workers": config.sandbox.workers}, "generation": speed},
+               "memory_bytes": limits.memory_bytes, "workers": config.sandbox.workers}, "generation": speed,
+               "trained_on_evaluated_problems": {n: ("unknown" if v is None else len(v)) for n, v in seen.items()}},
     )
     report = build_report(settings, results, {n: ev.prompt_format for n, _ in adapters}, ks=tuple(ev.ks),
                           baseline=ev.baseline or None, n_boot=ev.n_boot, seed=config.seed)
