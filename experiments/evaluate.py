@@ -41,7 +41,7 @@ def get_config() -> ConfigDict:
     c.eval.heldout_fraction = 0.5  # heldout: the training runs' data.heldout_fraction
     c.eval.heldout_seed = 0  # heldout: the training runs' data.heldout_seed
     c.eval.allow_trained_problems = False  # evaluate an adapter on problems it trained on (flagged in the report)
-    c.eval.prompt_format = "raw"  # "raw" | "mbpp_alpaca" | "codecontests_alpaca" | "chat" (docs/eval.md)
+    c.eval.prompt_format = "raw"  # "raw" | "alpaca" (the training records' template) | "mbpp_alpaca" | "codecontests_alpaca" | "chat" (docs/eval.md)
     c.eval.n_samples = 20  # samples per problem (n of pass@k)
     c.eval.temperature = 0.8  # 0 = greedy
     c.eval.top_p = 0.95  # nucleus sampling (ignored when greedy)

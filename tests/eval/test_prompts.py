@@ -13,6 +13,7 @@ from wmtp_fn.errors import ConfigError
 from wmtp_fn.eval.prompts import (
     Problem,
     completion_for,
+    stops_for,
     load_humaneval,
     load_record_problems,
     program_for,
@@ -139,7 +140,7 @@ def test_chat_prompt_uses_the_tokenizers_template():
 
 def test_unknown_format():
     with pytest.raises(ConfigError, match="prompt_format must be one of"):
-        prompt_for(PROBLEM, "alpaca")
+        prompt_for(PROBLEM, "alpaca_chat")
 
 
 def test_completion_and_program_per_format():
@@ -154,3 +155,22 @@ def test_completion_and_program_per_format():
     assert program_for(PROBLEM, code, "mbpp_alpaca") == code + "\n" + PROBLEM.test + "\ncheck(list_sum)\n"
     with pytest.raises(ConfigError, match="stdin/stdout"):
         program_for(PROBLEM, code, "codecontests_alpaca")
+
+
+def test_alpaca_prompt_is_the_training_records_prompt_and_continues_the_function():
+    """The `alpaca` format asks what training taught: the records' prompt (the embedded data's
+    instruction is HumanEval's prompt, its output the body), answered by the body."""
+    from wmtp_fn.data.jsonl import iter_records
+    from wmtp_fn.data.template import ALPACA_NO_INPUT
+    from wmtp_fn.eval.extract import HUMANEVAL_STOPS
+
+    record = next(r for r in iter_records(embedded_dataset_path()) if r.is_correct)
+    problem = load_humaneval(problems=[record.problem_id])[0]
+    assert record.instruction == problem.prompt
+    prompt = prompt_for(problem, "alpaca")
+    assert prompt == ALPACA_NO_INPUT.replace("{instruction}", problem.prompt)
+    assert prompt.endswith("### Response:\n")
+    completion = completion_for(problem, record.output + "\ndef extra():\n    pass\n", "alpaca")
+    assert completion == record.output
+    assert program_for(problem, completion, "alpaca").startswith(problem.prompt + record.output)
+    assert stops_for("alpaca") == HUMANEVAL_STOPS and stops_for("mbpp_alpaca") == ()

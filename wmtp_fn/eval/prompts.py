@@ -4,6 +4,10 @@ A prompt format is a per-model setting (recorded in the report), because the sam
 needs different prompts for different kinds of models:
 
     raw                  HumanEval's prompt as is (base and MTP models continue the function)
+    alpaca               the training records' template: HumanEval's prompt as the Alpaca
+                         instruction, the model continues with the function body, as the
+                         project's records train it to (instruction = the prompt, output = the
+                         body); judged like raw
     mbpp_alpaca          the Alpaca template, "\\n\\nThe function should be named '{f}'." appended
     codecontests_alpaca  the Alpaca template, "Write a Python solution that reads from stdin and
                          prints to stdout.\\n\\n" prefixed
@@ -29,7 +33,8 @@ from wmtp_fn.data.template import render_prompt
 from wmtp_fn.errors import ConfigError
 from wmtp_fn.eval.extract import HUMANEVAL_STOPS, answer_code, chat_completion, humaneval_program, raw_completion
 
-PROMPT_FORMATS: tuple[str, ...] = ("raw", "mbpp_alpaca", "codecontests_alpaca", "chat")
+PROMPT_FORMATS: tuple[str, ...] = ("raw", "alpaca", "mbpp_alpaca", "codecontests_alpaca", "chat")
+CONTINUES = ("raw", "alpaca")  # formats whose answer continues the function prompt
 
 MBPP_SUFFIX = "\n\nThe function should be named '{name}'."
 CODECONTESTS_PREFIX = "Write a Python solution that reads from stdin and prints to stdout.\n\n"
@@ -161,6 +166,8 @@ def prompt_for(problem: Problem, prompt_format: str, *, tokenizer: Any = None) -
     check_prompt_format(prompt_format)
     if prompt_format == "raw":
         return problem.prompt
+    if prompt_format == "alpaca":
+        return render_prompt(problem.prompt)
     if prompt_format == "mbpp_alpaca":
         return mbpp_prompt(problem.prompt, problem.entry_point)
     if prompt_format == "codecontests_alpaca":
@@ -173,17 +180,17 @@ def stops_for(prompt_format: str) -> tuple[str, ...]:
     the extracted completion: HumanEval's for a raw continuation (``completion_for`` cuts
     there anyway); none for answers, whose code block may be followed by anything."""
     check_prompt_format(prompt_format)
-    return HUMANEVAL_STOPS if prompt_format == "raw" else ()
+    return HUMANEVAL_STOPS if prompt_format in CONTINUES else ()
 
 
 def completion_for(problem: Problem, text: str, prompt_format: str) -> str:
     """The completion extracted from the generated ``text``, as ``samples.jsonl`` stores it.
 
-    raw and chat completions continue ``problem.prompt`` (the harness's convention); an Alpaca
-    answer is a whole program (its prompt is prose, not code).
+    raw, alpaca and chat completions continue ``problem.prompt`` (the harness's convention); an
+    MBPP / CodeContests answer is a whole program (its prompt is prose, not code).
     """
     check_prompt_format(prompt_format)
-    if prompt_format == "raw":
+    if prompt_format in CONTINUES:
         return raw_completion(text)
     if prompt_format == "chat":
         return chat_completion(text, problem.entry_point)
@@ -198,5 +205,5 @@ def program_for(problem: Problem, completion: str, prompt_format: str) -> str:
             "prompt_format 'codecontests_alpaca' is judged by stdin/stdout tests, "
             "not by a check() program"
         )
-    prefix = problem.prompt if prompt_format in ("raw", "chat") else ""
+    prefix = problem.prompt if prompt_format in (*CONTINUES, "chat") else ""
     return humaneval_program(prefix, completion, problem.test, problem.entry_point)
