@@ -133,3 +133,23 @@ def test_a_bad_critic_value_is_one_line_naming_the_key_and_writes_nothing(tmp_pa
 def test_an_unknown_critic_key_is_an_error_naming_it(tmp_path):
     with pytest.raises(ConfigError, match=r"--config.critic.los: no such key; did you mean --config.critic.loss\?"):
         apply_override(config(tmp_path), "critic.los", "pairwise")
+
+
+def test_a_critic_on_the_mtp_base_reads_the_trunk_and_exports_hf_lora_with_its_head(tmp_path):
+    """`critic.mtp_n_future = 2`: the base of the policy pipelines (`baseline.as_mtp`), the value
+    read from the normalised trunk; the seeds' file is the critic's hf_lora, not a policy file."""
+    result = run_config(config(tmp_path, **{"train.steps": 2, "train.eval_every": 0, "critic.val_n_pairs": 4,
+                                           "critic.mtp_n_future": 2, "base.tiny_layers": 2, "optim.lr": 1e-2}))
+    from wmtp_fn.adapters.seeds_io import read_seed_checkpoint
+    from wmtp_fn.models.mtp import mtp_from_llama
+
+    mtp = mtp_from_llama(load_base(tmp_path / "base"), 2)
+    install_slots(mtp)
+    params, specs, _ = checkpoint.load_params(result.adapter_dir)
+    assert any(k[0] == "extra_heads" for k in params["critic"].keys(True, True))  # the MTP base's own paths
+    seed = read_seed_checkpoint(tmp_path / "adapter.hf_lora.pt", mtp)
+    assert not (tmp_path / "adapter.seeds_lora.pt").exists()
+    assert set(seed.value_head) == {"mlp.0.weight", "mlp.0.bias", "mlp.3.weight", "mlp.3.bias", "mlp.6.weight", "mlp.6.bias"}
+    ids = torch.randint(4, 1000, (1, 10), generator=torch.Generator().manual_seed(2))
+    v = value_model(mtp, specs["critic"], specs["value_head"])({"critic": params["critic"], "value_head": params["value_head"]}, ids)
+    assert v.shape == (1, 10) and v.std() > 0
