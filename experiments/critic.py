@@ -54,7 +54,7 @@ def get_config() -> ConfigDict:
     c.critic.head.kind = "mlp"  # "linear" | "sigmoid" | "mlp" (d -> d/4 -> d/8 -> 1, GELU + dropout)
     c.critic.head.dropout = 0.2  # the mlp head's dropout in training
     c.critic.head.bias_init = 0.0  # the last bias at init (0.5 for a Monte-Carlo critic)
-    c.critic.head.lr_ratio = 5.0  # the head learns this many times faster than the adapter (seeds: 1e-4 / 2e-5)
+    c.critic.head.lr_ratio = 10.0  # the head learns this many times faster than the adapter (seeds: 5, 1e-4 / 2e-5)
 
     c.data = ConfigDict()
     c.data.train_path = ""  # JSONL records (docs/data.md); "" = the embedded HumanEval data
@@ -77,7 +77,7 @@ def get_config() -> ConfigDict:
     c.lora.use_dora = False  # DoRA: a learned magnitude per output row
 
     c.optim = ConfigDict()
-    c.optim.lr = 5e-3  # AdamW peak learning rate
+    c.optim.lr = 2e-3  # AdamW peak learning rate (of the critic adapter; the head: times critic.head.lr_ratio)
     c.optim.betas = (0.9, 0.999)  # AdamW moment decay rates
     c.optim.eps = 1e-8  # AdamW denominator epsilon
     c.optim.weight_decay = 0.0  # decoupled (AdamW) weight decay

@@ -78,3 +78,16 @@ def test_the_pair_stream_is_a_pure_function_of_the_cursor_and_walks_every_pair_o
         seen += sum(mb["pos"]["input_ids"].shape[0] for mb in mbs)
     kept, _ = encoded_pair_batches(pairs, range(len(pairs)), tokenizer, DATA, micro_batch_size=len(pairs))
     assert seen == kept[0]["pos"]["input_ids"].shape[0] > 0
+
+
+def test_a_pair_batch_holds_the_correct_record_in_pos_and_the_incorrect_one_in_neg(val_index, tokenizer):
+    pairs = PairSet(val_index, tuple(draw_pairs(val_index, pairing="random", seed=3, n_pairs=0, max_pairs_per_problem=60,
+                                                bins=BINS, weights=WEIGHTS))[:6])
+    (mb,), _ = encoded_pair_batches(pairs, [4, 1, 2], tokenizer, DATA, micro_batch_size=3)
+    for row, item in enumerate([4, 1, 2]):
+        for side, offset in zip(("pos", "neg"), pairs.pairs[item]):
+            ex = encode(read_at(val_index["path"], offset), tokenizer, max_length=320)
+            n = len(ex["input_ids"])
+            assert mb[side]["input_ids"][row, :n].tolist() == ex["input_ids"]
+            assert mb[side]["labels"][row, :n].tolist() == ex["labels"]
+            assert mb[side]["attention_mask"][row].sum() == n
