@@ -30,7 +30,7 @@ from wmtp_fn.atomic import atomic_dir, atomic_write_text
 from wmtp_fn.config import flat_config
 from wmtp_fn.data.embedded import embedded_tokenizer_path
 from wmtp_fn.data.sampling import Cursor
-from wmtp_fn.data.stream import Batch, RecordSet, batch_stream, encoded_batches, record_sets, to_device
+from wmtp_fn.data.stream import RecordSet, batch_stream, encoded_batches, record_sets, to_device
 from wmtp_fn.errors import CheckpointError, ConfigError
 from wmtp_fn.fingerprint import check_same_base
 from wmtp_fn.models.base import Base, check_base_dir, embedded_base_dir, open_base
