@@ -7,7 +7,9 @@ The research code this project replaces saved `torch.save`d dicts::
      "target_modules"}, "base_model_path", "epoch", "train_metrics", "val_metrics", "config"}
 
 and, in older runs, `{"checkpoint_type": "full", "backbone_state_dict", "value_head_state_dict"}`.
-We add `base_fingerprint` (and `use_rslora` / `use_dora` / `layers` in `lora_config` when they
+The seeds' critic files also hold `optimizer_state_dict` (ignored), and their LoRA keys may carry
+the critic's `backbone.` prefix and FSDP's `._checkpoint_wrapped_module` infixes (stripped on
+reading; `models.value_head.read_seed_critic` reads a whole critic). We add `base_fingerprint` (and `use_rslora` / `use_dora` / `layers` in `lora_config` when they
 differ from the seeds' defaults); files without them read as the seeds wrote them.
 """
 
@@ -126,13 +128,19 @@ def read_seed_checkpoint(path: Path, model: nn.Module | None = None, *, trusted:
         use_dora=bool(cfg.get("use_dora", False)),
         base_fingerprint=obj.get("base_fingerprint") or None,
     )
-    flat = {k: v.float() for k, v in obj["lora_state_dict"].items()}
+    flat = {seeds_lora_key(k): v.float() for k, v in obj["lora_state_dict"].items()}
     if model is not None:
         flat = _reroot(flat, model)
     adapter = from_flat(flat)
     if model is not None:
         validate(adapter, spec, model, check_base=spec.base_fingerprint is not None)
     return SeedCheckpoint("hf_lora", adapter=adapter, spec=spec, value_head=value_head, meta=meta)
+
+
+def seeds_lora_key(key: str) -> str:
+    """A seeds' LoRA key without the critic's `backbone.` prefix and the `._checkpoint_wrapped_module`
+    infixes activation checkpointing put into module paths."""
+    return key.removeprefix("backbone.").replace("._checkpoint_wrapped_module", "").replace("_checkpoint_wrapped_module.", "")
 
 
 def _reroot(flat: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

@@ -12,6 +12,8 @@ One module per concept:
     collate     collate, collate_pairs: padded [B, T] tensors
     sampling    sample_by_difficulty, sample_pairs, Cursor, next_batch
     split       split_problems: train/validation by problem
+    stream      record batches for the train step from a resumable cursor
+    pairs       critic pairs (correct, incorrect) of one problem, streamed the same way
     verify      completion_program, verify_records, label_holds (runs the sandbox)
     embedded    embedded_dataset_path, embedded_tokenizer_path, embedded_split
     build/      humaneval (python -m wmtp_fn.data.build.humaneval), mutations, bpe

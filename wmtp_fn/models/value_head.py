@@ -160,3 +160,93 @@ def value_head(
                 x = _dropout(x, dropout, generator)
     v = x.squeeze(-1)
     return torch.sigmoid(v) if kind == "sigmoid" else v
+
+
+# ------------------------------------------------------------------------ the seeds' key names
+
+# The seeds' heads were nn.Modules: `linear` (linear and sigmoid heads) or an `mlp`
+# nn.Sequential of Linear, GELU, Dropout, Linear, GELU, Dropout, Linear (so indices 0, 3, 6).
+SEEDS_NAMES: dict[str, dict[str, str]] = {
+    "linear": {"out": "linear"},
+    "sigmoid": {"out": "linear"},
+    "mlp": {"fc1": "mlp.0", "fc2": "mlp.3", "out": "mlp.6"},
+}
+
+
+def to_seeds_state(params: TensorDict, kind: Kind) -> dict[str, Tensor]:
+    """The seeds' `value_head_state_dict` of a ``kind`` head (CPU tensors, ``mlp.0.weight`` /
+    ``linear.bias`` names)."""
+    _check_kind(kind)
+    return {f"{seeds}.{leaf}": params[name, leaf].detach().cpu() for name, seeds in SEEDS_NAMES[kind].items()
+            for leaf in ("weight", "bias")}
+
+
+def seeds_kind(state: Mapping[str, Tensor], seeds_config: Mapping[str, Any] | None = None) -> Kind:
+    """The kind of a seeds' `value_head_state_dict`: ``mlp.*`` keys are an mlp head; ``linear.*``
+    keys are a linear or a sigmoid head, told apart by the seeds' run config
+    (``training.value_head_type``)."""
+    if any(k.startswith("mlp.") for k in state):
+        return "mlp"
+    if "linear.weight" not in state:
+        raise ValueError(f"value_head_state_dict: expected mlp.* or linear.* keys (the seeds' heads), got {sorted(state)}")
+    training = (seeds_config or {}).get("training") or {}
+    kind = training.get("value_head_type") if isinstance(training, Mapping) else None
+    if kind not in ("linear", "sigmoid"):
+        raise ValueError(
+            "value_head_state_dict: 'linear.*' keys fit a linear or a sigmoid head and the checkpoint's "
+            f"config.training.value_head_type is {kind!r}; pass the head kind"
+        )
+    return kind
+
+
+def from_seeds_state(state: Mapping[str, Tensor], kind: Kind) -> TensorDict:
+    """Inverse of `to_seeds_state`: fp32 head parameters; a missing bias (the seeds' heads
+    built with ``bias=False``) reads as zeros. A key that fits no layer is a ``ValueError``."""
+    _check_kind(kind)
+    known = {f"{seeds}.{leaf}" for seeds in SEEDS_NAMES[kind].values() for leaf in ("weight", "bias")}
+    unknown = sorted(set(state) - known)
+    if unknown:
+        raise ValueError(f"value_head_state_dict: unexpected key {unknown[0]!r} for a {kind} head (expected {sorted(known)})")
+    layers = {}
+    for name, seeds in SEEDS_NAMES[kind].items():
+        if f"{seeds}.weight" not in state:
+            raise ValueError(f"value_head_state_dict: missing {seeds + '.weight'!r} of a {kind} head")
+        weight = state[f"{seeds}.weight"].float()
+        bias = state.get(f"{seeds}.bias")
+        layers[name] = {"weight": weight, "bias": torch.zeros(weight.shape[0]) if bias is None else bias.float()}
+    return TensorDict(layers, batch_size=[])
+
+
+def read_seed_critic(path, model, *, head_kind: Kind | None = None, trusted: bool = False):
+    """A critic written by the seeds (an `hf_lora` file with a `value_head_state_dict`):
+    `(adapter, adapter_spec, head, head_spec)`, the adapter re-rooted onto `model` (a slotted
+    base module or record, `adapters.seeds_io.read_seed_checkpoint`: `backbone.` prefixes and
+    `._checkpoint_wrapped_module` infixes stripped, `optimizer_state_dict` ignored), validated,
+    with `model`'s fingerprint, and everything on `model`'s device. `head_kind` overrides the
+    kind the file's config names (`linear.*` keys fit a linear and a sigmoid head alike).
+    `trusted` allows pickled objects (only for files you made)."""
+    from pathlib import Path
+
+    from wmtp_fn.adapters.lora import module_and_fingerprint
+    from wmtp_fn.adapters.seeds_io import read_seed_checkpoint
+    from wmtp_fn.errors import CheckpointError
+
+    path = Path(path)
+    module, fingerprint = module_and_fingerprint(model)
+    seed = read_seed_checkpoint(path, module, trusted=trusted)
+    if seed.kind != "hf_lora":
+        raise CheckpointError(f"{path}: a {seed.kind!r} checkpoint; read_seed_critic reads the seeds' hf_lora critics")
+    if not seed.value_head:
+        raise CheckpointError(f"{path}: value_head_state_dict is empty: not a critic (a ref_tuning adapter?)")
+    try:
+        kind = head_kind or seeds_kind(seed.value_head, seed.meta.get("config"))
+        head = from_seeds_state(seed.value_head, kind)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    d = head["fc1" if kind == "mlp" else "out", "weight"].shape[1]
+    hidden = module.config.hidden_size
+    if d != hidden:
+        raise CheckpointError(f"{path}: the value head reads hidden size {d}, the base has hidden_size {hidden}")
+    device = next(module.parameters()).device
+    spec = seed.spec if seed.spec.base_fingerprint else seed.spec.replace(base_fingerprint=fingerprint)
+    return seed.adapter.to(device), spec, head.to(device), ValueHeadSpec(kind, d)

@@ -4,8 +4,9 @@ A pipeline states only what is its own (`Recipe`: the trainable params and their
 train and validation objectives, the initial extra state, which adapter to export); everything
 else lives here, in this order:
 
-    open_session: validate every input (device, batch sizes, base directory, tokenizer, data)
-                  -> only then write the run directory -> load the base -> models.prepare
+    open_session: validate every input (device, batch sizes, base directory, tokenizer, data:
+                  the record stream, or the pipeline's own `Stream`) -> only then write the
+                  run directory -> load the base -> models.prepare
     run_recipe:   resume or start the state -> stream batches -> fit (loop, checkpoints,
                   validation) -> export the adapter -> one summary line
 """
@@ -29,7 +30,7 @@ from wmtp_fn.atomic import atomic_dir, atomic_write_text
 from wmtp_fn.config import flat_config
 from wmtp_fn.data.embedded import embedded_tokenizer_path
 from wmtp_fn.data.sampling import Cursor
-from wmtp_fn.data.stream import Batch, RecordSet, batch_stream, encoded_batches, record_sets, to_device
+from wmtp_fn.data.stream import RecordSet, batch_stream, encoded_batches, record_sets, to_device
 from wmtp_fn.errors import CheckpointError, ConfigError
 from wmtp_fn.fingerprint import check_same_base
 from wmtp_fn.models.base import Base, check_base_dir, embedded_base_dir, open_base
@@ -84,9 +85,13 @@ def lora_spec(lora_cfg: ConfigDict) -> AdapterSpec:
     )
 
 
-def optimizer_configs(optim_cfg: ConfigDict, sched_cfg: ConfigDict, horizon: int) -> tuple[adamw.AdamWConfig, ScheduleConfig]:
-    """AdamW and schedule configs; `horizon` is `schedule_horizon` of the run's config."""
+def optimizer_configs(
+    optim_cfg: ConfigDict, sched_cfg: ConfigDict, horizon: int, lr_multipliers: Mapping[str, float] | None = None
+) -> tuple[adamw.AdamWConfig, ScheduleConfig]:
+    """AdamW and schedule configs; `horizon` is `schedule_horizon` of the run's config;
+    `lr_multipliers` (leaf patterns, `adamw.AdamWConfig`) join LoRA+'s `lora_B` ratio."""
     multipliers = {"lora_B": float(optim_cfg.loraplus_ratio)} if optim_cfg.loraplus_ratio != 1.0 else {}
+    multipliers.update(lr_multipliers or {})
     opt = adamw.AdamWConfig(
         lr=float(optim_cfg.lr), betas=tuple(optim_cfg.betas), eps=float(optim_cfg.eps),
         weight_decay=float(optim_cfg.weight_decay), lr_multipliers=multipliers, max_grad_norm=optim_cfg.max_grad_norm,
@@ -167,25 +172,66 @@ def start_run(config: ConfigDict) -> tuple[Path, Path | None]:
 
 
 @dataclass(frozen=True)
+class Stream:
+    """A run's data. `next_batch(cursor) -> (micro-batches on the device, cursor)` walks
+    `n_train` items (`data.sampling.Cursor` positions) from `Cursor(seed=config.seed)`, a pure
+    function of the cursor, which the checkpoints save; `val_batches` are fixed; `summary`
+    names both for the run's first line ("720 train / 80 val records")."""
+
+    next_batch: Callable[[Cursor], tuple[list[Any], Cursor]]
+    n_train: int
+    val_batches: list[Any]
+    summary: str
+
+
+DataFn = Callable[[ConfigDict, Any, torch.device], Stream]
+"""`data(config, tokenizer, device) -> Stream`: a pipeline's own data, e.g. critic pairs."""
+
+
+def record_stream(config: ConfigDict, tokenizer, device: torch.device) -> tuple[Stream, RecordSet, RecordSet]:
+    """The default data: records by difficulty sampling (`data.stream`), validation records
+    encoded once; also the two record sets."""
+    train_set, val_set = record_sets(config.data, config.seed)
+    val_cpu, skipped = encoded_batches(val_set, range(len(val_set)), tokenizer, config.data,
+                                       micro_batch_size=config.train.micro_batch_size)
+    if skipped:
+        print(f"warning: {len(skipped)} validation record(s) skipped as too long, e.g. {skipped[0]}")
+    next_batch = batch_stream(train_set, tokenizer, config.data, batch_size=config.train.batch_size,
+                              micro_batch_size=config.train.micro_batch_size, device=device)
+    stream = Stream(next_batch, len(train_set), [to_device(mb, device) for mb in val_cpu],
+                    f"{len(train_set)} train / {len(val_set)} val records")
+    return stream, train_set, val_set
+
+
+@dataclass(frozen=True)
 class Session:
-    """Everything a run has once its inputs are validated and its base is ready."""
+    """Everything a run has once its inputs are validated and its base is ready. `train_set`
+    and `val_set` are the record sets of the default data (None with a pipeline's own)."""
 
     config: ConfigDict
     out_dir: Path
     device: torch.device
     dtype: torch.dtype
     tokenizer: Any
-    train_set: RecordSet
-    val_set: RecordSet
-    val_batches: list[Batch]
+    stream: Stream
     base: Base
     resume_from: Path | None
+    train_set: RecordSet | None = None
+    val_set: RecordSet | None = None
+
+    @property
+    def val_batches(self) -> list[Any]:
+        return self.stream.val_batches
 
 
-def open_session(config: ConfigDict, *, to_base: Callable[[Base], Base] | None = None) -> Session:
+def open_session(
+    config: ConfigDict, *, to_base: Callable[[Base], Base] | None = None, data: DataFn | None = None
+) -> Session:
     """Validate the inputs, then write the run directory, load the base (the embedded tiny Llama
     when `base.path` is empty), let `to_base` reshape it (e.g. a Llama turned into an MTP base),
-    and prepare it (slots, checkpointing, compile) for `lora.targets`."""
+    and prepare it (slots, checkpointing, compile) for `lora.targets`. `data` replaces the
+    record stream with the pipeline's own; it runs before anything is written, so its errors
+    leave no run directory behind."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     if config.train.batch_size % config.train.micro_batch_size:
@@ -196,11 +242,10 @@ def open_session(config: ConfigDict, *, to_base: Callable[[Base], Base] | None =
     if config.base.path:
         check_base_dir(config.base.path, key="base.path")
     tokenizer = load_tokenizer(config.data, config.base.path)
-    train_set, val_set = record_sets(config.data, config.seed)
-    val_cpu, skipped = encoded_batches(val_set, range(len(val_set)), tokenizer, config.data,
-                                       micro_batch_size=config.train.micro_batch_size)
-    if skipped:
-        print(f"warning: {len(skipped)} validation record(s) skipped as too long, e.g. {skipped[0]}")
+    if data is None:
+        stream, train_set, val_set = record_stream(config, tokenizer, device)
+    else:
+        stream, train_set, val_set = data(config, tokenizer, device), None, None
     out_dir, resume_from = start_run(config)
 
     path = config.base.path or embedded_base_dir(out_dir, tokenizer, hidden_size=config.base.tiny_hidden_size,
@@ -213,8 +258,7 @@ def open_session(config: ConfigDict, *, to_base: Callable[[Base], Base] | None =
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base at {path} has vocab_size {vocab}")
     prepare(base, targets=tuple(config.lora.targets), activation_checkpointing=config.base.activation_checkpointing,
             compile=config.base.compile, memory_budget=config.base.activation_memory_budget)
-    return Session(config, out_dir, device, dtype, tokenizer, train_set, val_set,
-                   [to_device(mb, device) for mb in val_cpu], base, resume_from)
+    return Session(config, out_dir, device, dtype, tokenizer, stream, base, resume_from, train_set, val_set)
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -223,15 +267,27 @@ def open_session(config: ConfigDict, *, to_base: Callable[[Base], Base] | None =
 @dataclass(frozen=True)
 class Recipe:
     """What a pipeline states: the initial trainable pytree and the spec of each subtree, the
-    objectives, the initial `extra`, and which adapter subtree the exports write."""
+    objectives, the initial `extra`, and which adapter subtree the exports write.
+
+    export: the adapter subtree of the seeds' and PEFT exports (None: only `adapter/`, which
+        always holds every subtree). value_head: a value-head subtree written into the seeds'
+        hf_lora file as `value_head_state_dict` (the seeds' key names); a recipe with one
+        writes hf_lora on an MTP base too (the seeds' policy file is for policies).
+    lr_multipliers: leaf pattern -> learning-rate multiplier (`{"value_head.*": 5.0}`).
+    val_metrics: `params -> {name: float}`, validation metrics that are not sums over
+        micro-batches (AUC), logged as `val_<name>` beside the objective's.
+    """
 
     name: str
     params: TensorDict
     specs: Mapping[str, Any]
     train: Objective
     eval: Objective
-    export: str
+    export: str | None
     extra: TensorDict = field(default_factory=lambda: TensorDict({}, batch_size=[]))
+    value_head: str | None = None
+    lr_multipliers: Mapping[str, float] = field(default_factory=dict)
+    val_metrics: Callable[[TensorDict], Mapping[str, float]] | None = None
 
 
 @dataclass
@@ -248,7 +304,7 @@ def run_recipe(session: Session, recipe: Recipe) -> Result:
     config, out_dir, device = session.config, session.out_dir, session.device
     total_steps = config.train.steps
     horizon = schedule_horizon(flat_config(config))
-    opt_cfg, sched_cfg = optimizer_configs(config.optim, config.schedule, horizon)
+    opt_cfg, sched_cfg = optimizer_configs(config.optim, config.schedule, horizon, recipe.lr_multipliers)
     if session.resume_from is not None:
         state, cursor, meta = checkpoint.restore_run(session.resume_from, device)
         saved = checkpoint.specs_from_meta(meta, str(session.resume_from))
@@ -259,7 +315,7 @@ def run_recipe(session: Session, recipe: Recipe) -> Result:
                 check_same_base(saved[name].base_fingerprint, spec.base_fingerprint, what=f"checkpoint {session.resume_from}")
         if state.step >= total_steps:
             metrics = meta.get("metrics", {})
-            if not _exports_current(out_dir, config, state.step):  # the run died after its last checkpoint
+            if not _exports_current(out_dir, config, recipe, state.step):  # the run died after its last checkpoint
                 _export(session, recipe, state, cursor, metrics)
             print(f"{out_dir} is already complete ({state.step}/{total_steps} steps; adapter in {out_dir / 'adapter'}); "
                   f"to train further, raise --config.train.steps (and keep --config.schedule.total_steps={horizon})")
@@ -271,26 +327,25 @@ def run_recipe(session: Session, recipe: Recipe) -> Result:
         cursor = Cursor(seed=config.seed)
 
     step_fn = make_train_step(recipe.train, opt_cfg, sched_cfg, nonfinite=config.train.nonfinite)
-    next_batch = batch_stream(session.train_set, session.tokenizer, config.data, batch_size=config.train.batch_size,
-                              micro_batch_size=config.train.micro_batch_size, device=device)
     flat = flat_config(config)
 
     def save(st, cur, info):
         checkpoint.save_run(out_dir / "checkpoints", st, cur, specs=recipe.specs, config=flat, info=info, keep=config.train.keep)
 
     def validate(st) -> dict[str, float]:
-        got = evaluate(recipe.eval, st.params, st.extra, session.val_batches)
-        return {"val_loss": got.pop("loss"), **{f"val_{k}": v for k, v in got.items() if k != "n_tokens"}}
+        got = evaluate(recipe.eval, st.params, st.extra, session.stream.val_batches)
+        more = recipe.val_metrics(st.params) if recipe.val_metrics is not None else {}
+        return {"val_loss": got.pop("loss"), **{f"val_{k}": v for k, v in {**got, **more}.items() if k != "n_tokens"}}
 
     module = session.base.module
     print(
         f"{recipe.name}: base {session.base.path} ({sum(p.numel() for p in module.parameters()):,} frozen params, "
         f"{session.dtype}, {device}); trainable {', '.join(recipe.specs)} "
         f"({sum(t.numel() for t in state.params.values(True, True)):,} params); "
-        f"{len(session.train_set)} train / {len(session.val_set)} val records"
+        f"{session.stream.summary}"
     )
     state, cursor, hist = fit(
-        state, cursor, step_fn=step_fn, next_batch=next_batch, evaluate=validate, save=save,
+        state, cursor, step_fn=step_fn, next_batch=session.stream.next_batch, evaluate=validate, save=save,
         cfg=LoopConfig(total_steps=total_steps, log_every=config.train.log_every,
                        eval_every=config.train.eval_every, save_every=config.train.save_every),
         log=MetricsLog(out_dir / "metrics.jsonl"), desc=recipe.name,
@@ -313,38 +368,47 @@ def run_recipe(session: Session, recipe: Recipe) -> Result:
 
 def _export(session: Session, recipe: Recipe, state, cursor: Cursor, metrics: Mapping[str, Any]) -> Path:
     """The adapter-only checkpoint (every trainable subtree), then the formats the config asks
-    for, of the `recipe.export` adapter: the seeds' hf_lora (a causal LM) or policy (an MTP
-    base) file, and a PEFT directory (a causal LM). Each is written atomically."""
+    for, of the `recipe.export` adapter: the seeds' hf_lora (a causal LM, or any value model,
+    with its `recipe.value_head`) or policy (an MTP base) file, and a PEFT directory (a causal
+    LM). Each is written atomically."""
     config, out_dir, base = session.config, session.out_dir, session.base
     flat = flat_config(config)
     adapter_dir = out_dir / "adapter"
     meta = {"config": flat, "metrics": dict(metrics), "base_model_path": base.path, "step": state.step}
     checkpoint.save_params(adapter_dir, state.params, recipe.specs, meta=meta)
+    if recipe.export is None:
+        return adapter_dir
     adapter, spec = state.params[recipe.export], recipe.specs[recipe.export]
-    epoch = cursor.epoch + cursor.position / len(session.train_set)
-    if config.export.hf_lora and base.kind == "mtp":
+    epoch = cursor.epoch + cursor.position / session.stream.n_train
+    seeds_meta = dict(epoch=epoch, train_metrics={"loss": metrics.get("train_loss")},
+                      val_metrics={"loss": metrics.get("val_loss")}, config=flat)
+    if config.export.hf_lora and base.kind == "mtp" and recipe.value_head is None:
         from wmtp_fn.adapters.lora import to_flat
         from wmtp_fn.models.meta import save_seeds_policy
 
-        save_seeds_policy(out_dir / "adapter.seeds_lora.pt", to_flat(adapter), spec, base.module.config, epoch=epoch,
-                          train_metrics={"loss": metrics.get("train_loss")}, val_metrics={"loss": metrics.get("val_loss")},
-                          config=flat)
+        save_seeds_policy(out_dir / "adapter.seeds_lora.pt", to_flat(adapter), spec, base.module.config, **seeds_meta)
     elif config.export.hf_lora:
-        save_hf_lora(out_dir / "adapter.hf_lora.pt", adapter, spec, base_model_path=base.path or "", epoch=epoch,
-                     train_metrics={"loss": metrics.get("train_loss")}, val_metrics={"loss": metrics.get("val_loss")},
-                     config=flat)
+        head = None
+        if recipe.value_head is not None:
+            from wmtp_fn.models.value_head import to_seeds_state
+
+            head = to_seeds_state(state.params[recipe.value_head], recipe.specs[recipe.value_head].kind)
+        save_hf_lora(out_dir / "adapter.hf_lora.pt", adapter, spec, value_head=head, base_model_path=base.path or "",
+                     **seeds_meta)
     if config.export.peft and base.kind != "mtp":
         with atomic_dir(out_dir / "peft") as tmp:
             export_peft(adapter, spec, tmp, base_model_name_or_path=base.path or "")
     return adapter_dir
 
 
-def _exports_current(out_dir: Path, config: ConfigDict, step: int) -> bool:
+def _exports_current(out_dir: Path, config: ConfigDict, recipe: Recipe, step: int) -> bool:
     """Whether the exports the config asks for exist and hold step `step`."""
     try:
         _, meta = checkpoint.read_checkpoint(out_dir / "adapter")
     except (FileNotFoundError, ValueError):
         return False
+    if recipe.export is None:
+        return meta.get("step") == step
     seeds_file = any((out_dir / n).is_file() for n in ("adapter.hf_lora.pt", "adapter.seeds_lora.pt"))
     return (
         meta.get("step") == step
