@@ -49,3 +49,24 @@ def test_merged_export_reloads_with_plain_from_pretrained(base, batch, tmp_path)
     assert all(type(m).__name__ != "LoRASlot" for m in reloaded.modules())
     with torch.no_grad():
         assert rel_err(reloaded(**batch).logits, apply(base, adapter, spec, **batch).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_merged_into_computes_what_the_bound_adapter_computes_and_restores_the_base(base, batch, use_dora):
+    from wmtp_fn.adapters import AdapterSpec, apply, init, merged_into
+
+    adapter, spec = init(base, AdapterSpec(rank=4, alpha=8.0, use_dora=use_dora), seed=0)
+    gen = torch.Generator().manual_seed(5)
+    adapter = adapter.apply(lambda t: t + 0.1 * torch.randn(t.shape, generator=gen))
+    want = apply(base, adapter, spec, **batch).logits
+    before = {n: p for n, p in base.named_parameters()}
+    values = {n: p.clone() for n, p in before.items()}
+    with torch.no_grad(), merged_into(base, adapter, spec):
+        got = base(**batch).logits
+        assert any(p is not before[n] for n, p in base.named_parameters())  # merged copies are in
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    after = dict(base.named_parameters())
+    assert all(after[n] is before[n] and torch.equal(after[n], values[n]) for n in before)
+    with pytest.raises(RuntimeError, match="boom"), merged_into(base, adapter, spec):
+        raise RuntimeError("boom")
+    assert all(p is before[n] for n, p in base.named_parameters())

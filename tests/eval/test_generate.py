@@ -80,15 +80,18 @@ def reference_greedy(base: Base, adapter, spec, tokenizer, prompt: str, steps: i
     return out
 
 
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "bound"])
 @pytest.mark.parametrize("kind", ["llama", "mtp"])
-def test_greedy_generate_with_a_bound_adapter_equals_argmax_of_apply(tokenizer, kind):
+def test_greedy_generate_with_a_bound_adapter_equals_argmax_of_apply(tokenizer, kind, merge):
     base = tiny_llama(tokenizer) if kind == "llama" else tiny_mtp(tokenizer)
     if kind == "llama":  # a checkpoint's own generation defaults must not leak into sampling
         base.module.generation_config = GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1)
     adapter, spec = trained_like(base)
     steps = 24
+    weights = {n: p.clone() for n, p in base.module.named_parameters()}
     gens = generate(next_token_model(base), tokenizer, PROMPTS, Sampling(max_new_tokens=steps, batch_size=3),
-                    base=base, adapter=(adapter, spec))
+                    base=base, adapter=(adapter, spec), merge=merge)
+    assert all(torch.equal(p, weights[n]) for n, p in base.module.named_parameters())  # the base is as it was
     for prompt, got in zip(PROMPTS, gens):
         want = reference_greedy(base, adapter, spec, tokenizer, prompt, steps)
         assert list(got.token_ids) == want

@@ -164,7 +164,7 @@ def test_alpaca_prompt_is_the_training_records_prompt_and_continues_the_function
     from wmtp_fn.data.template import ALPACA_NO_INPUT
     from wmtp_fn.eval.extract import HUMANEVAL_STOPS
 
-    record = next(r for r in iter_records(embedded_dataset_path()) if r.is_correct)
+    record = next(r for r in iter_records(embedded_dataset_path()) if r.is_correct and r.problem_id == "HumanEval/23")
     problem = load_humaneval(problems=[record.problem_id])[0]
     assert record.instruction == problem.prompt
     prompt = prompt_for(problem, "alpaca")
@@ -173,4 +173,10 @@ def test_alpaca_prompt_is_the_training_records_prompt_and_continues_the_function
     completion = completion_for(problem, record.output + "\ndef extra():\n    pass\n", "alpaca")
     assert completion == record.output
     assert program_for(problem, completion, "alpaca").startswith(problem.prompt + record.output)
-    assert stops_for("alpaca") == HUMANEVAL_STOPS and stops_for("mbpp_alpaca") == ()
+    # an instruct model's whole-function answer, in a block or bare, replaces the stub
+    whole = "def strlen(string: str) -> int:\n    return len(string)\n"
+    for answer in (f"Here it is:\n```python\n{whole}```\nDone.", whole):
+        program = program_for(problem, completion_for(problem, answer, "alpaca"), "alpaca")
+        assert whole in program and program.startswith(problem.prompt + "\n")
+    # no stop sequence during generation: "\ndef " begins a whole-function answer
+    assert stops_for("alpaca") == () and stops_for("raw") == HUMANEVAL_STOPS

@@ -6,7 +6,7 @@
 """
 
 from wmtp_fn.adapters.lora import apply, bind, bound, expected_shapes, from_flat, init, target_paths, to_flat, validate
-from wmtp_fn.adapters.merge import delta_weights, export_merged, merge, unmerge, weight_norms
+from wmtp_fn.adapters.merge import delta_weights, export_merged, merge, merged_into, unmerge, weight_norms
 from wmtp_fn.adapters.peft_io import export_peft, import_peft
 from wmtp_fn.adapters.slots import LoRASlot, install_slots, lora_delta, slot_paths
 from wmtp_fn.adapters.spec import META_ALIASES, TARGETS, AdapterSpec, resolve_targets
@@ -29,6 +29,7 @@ __all__ = [
     "install_slots",
     "lora_delta",
     "merge",
+    "merged_into",
     "resolve_targets",
     "slot_paths",
     "target_paths",

@@ -5,12 +5,14 @@
 
 States are HuggingFace state dicts (`"model.layers.0.self_attn.q_proj.weight" → tensor`);
 the inputs are never modified. Arithmetic runs in fp32 and the result is cast back to the
-weight's dtype.
+weight's dtype. `merged_into` runs a block of calls (generation) on a slotted base with the
+merged weights swapped in.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +20,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from wmtp_fn.adapters.lora import to_flat
+from wmtp_fn.adapters.slots import slot_paths
 from wmtp_fn.adapters.spec import AdapterSpec
 
 
@@ -94,3 +97,36 @@ def _weight(state: Mapping[str, torch.Tensor], path: str) -> torch.Tensor:
     if key not in state:
         raise KeyError(f"state dict has no {key!r} for adapter module {path!r}; is the adapter rooted elsewhere?")
     return state[key]
+
+
+@contextmanager
+def merged_into(module: nn.Module, adapter: TensorDict, spec: AdapterSpec) -> Iterator[None]:
+    """Run a block of calls with the adapter merged: each target slot computes with the merged
+    weight `W + s·B·A` (DoRA: rescaled rows) — one matmul per linear instead of three, what
+    generation wants. Every merged weight is a new tensor, swapped in for the block and swapped
+    back on exit (also on an exception); the base's own tensors are never written. No grad;
+    slots must be empty. Costs one copy of the target weights while it lasts.
+    """
+    slots = slot_paths(module)
+    if not slots:
+        raise ValueError(f"{type(module).__name__} has no LoRA slots; call install_slots first")
+    busy = next((p for p, s in slots.items() if s.lora_A is not None), None)
+    if busy is not None:
+        raise RuntimeError(f"slot {busy!r} has an adapter bound; merge into empty slots")
+    paths = list(delta_weights(adapter, spec))
+    missing = next((p for p in paths if p not in slots), None)
+    if missing is not None:
+        raise KeyError(f"adapter path {missing!r} names no LoRA slot of {type(module).__name__}")
+    with torch.no_grad():
+        state = {f"{p}.weight": slots[p].weight for p in paths}
+        new = merge(state, adapter.to(slots[paths[0]].weight.device) if paths else adapter, spec)
+    saved = []
+    try:
+        for p in paths:
+            slot = slots[p]
+            saved.append((slot, slot._parameters["weight"]))
+            slot._parameters["weight"] = nn.Parameter(new[f"{p}.weight"], requires_grad=False)
+        yield
+    finally:
+        for slot, weight in reversed(saved):
+            slot._parameters["weight"] = weight

@@ -9,6 +9,9 @@ Three kinds of model output:
   stop sequence (``first_stop``) never changes the extracted completion.
 - **answer** (an Alpaca response, or a chat model's reply): the code is the first fenced block
   (```` ```python ```` or a bare ```` ``` ````); an answer without a block is taken as code.
+- **alpaca completion of a function** (the function prompt as an Alpaca instruction, as the
+  project's records train): the body continuing the prompt, or, from a model that answers with
+  the whole function instead, that function as in a chat completion.
 - **chat completion of a function**: the answer's first block, placed after the prompt. When
   the block defines the entry point it redefines the prompt's stub (a function whose body is
   its docstring, valid Python), and everything else of the prompt (imports, helper functions)
@@ -101,6 +104,16 @@ def chat_completion(answer: str, entry_point: str) -> str:
     """
     code = truncate(answer_code(answer), CHAT_BLOCK_STOPS)
     return "\n" + code if defines(code, entry_point) else code
+
+
+def alpaca_completion(text: str, entry_point: str) -> str:
+    """A harness-style completion from a model given the function prompt as an Alpaca
+    instruction: a trained model continues with the body (cut at ``HUMANEVAL_STOPS``); an
+    instruct model may answer with the whole function, in a block or not (taken as in
+    ``chat_completion``)."""
+    if first_code_block(text) is not None or defines(text, entry_point):
+        return chat_completion(text, entry_point)
+    return truncate(text, HUMANEVAL_STOPS)
 
 
 def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:

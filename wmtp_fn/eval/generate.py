@@ -217,11 +217,15 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     desc: str = "generate",
+    merge: bool = True,
 ) -> list[Generation]:
     """One completion per prompt (repeat a prompt for several samples), in input order.
 
-    view: ``next_token_model(base)``. adapter: ``(adapter, spec)`` bound on ``base`` (the
-    module or record the view was made from) for the whole call, or None for the base alone.
+    view: ``next_token_model(base)``. adapter: ``(adapter, spec)`` on ``base`` (the module or
+    record the view was made from) for the whole call, or None for the base alone: merged into
+    the weights for the call (``adapters.merged_into``: one matmul per linear, the base's tensors
+    untouched) or, with ``merge=False``, bound into the slots (``adapters.bound``). The two
+    agree up to the rounding of the merged weight (exactly in fp64).
     Prompts are tokenized with the tokenizer's special tokens (a BOS where it adds one).
     """
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
@@ -249,10 +253,10 @@ def generate(
         if adapter is None:
             run_all()
         else:
-            from wmtp_fn.adapters import bound
+            from wmtp_fn.adapters import bound, merged_into
 
             module = base if isinstance(base, nn.Module) else base.module
-            with bound(module, adapter[0], adapter[1]):
+            with (merged_into if merge else bound)(module, adapter[0], adapter[1]):
                 run_all()
     finally:
         if bar is not None:

@@ -5,9 +5,10 @@ needs different prompts for different kinds of models:
 
     raw                  HumanEval's prompt as is (base and MTP models continue the function)
     alpaca               the training records' template: HumanEval's prompt as the Alpaca
-                         instruction, the model continues with the function body, as the
+                         instruction; a trained model continues with the function body, as the
                          project's records train it to (instruction = the prompt, output = the
-                         body); judged like raw
+                         body), an instruct model may answer with the whole function
+                         (``extract.alpaca_completion`` takes either)
     mbpp_alpaca          the Alpaca template, "\\n\\nThe function should be named '{f}'." appended
     codecontests_alpaca  the Alpaca template, "Write a Python solution that reads from stdin and
                          prints to stdout.\\n\\n" prefixed
@@ -31,10 +32,10 @@ from wmtp_fn.data.jsonl import iter_located
 from wmtp_fn.data.schema import DataError, location
 from wmtp_fn.data.template import render_prompt
 from wmtp_fn.errors import ConfigError
-from wmtp_fn.eval.extract import HUMANEVAL_STOPS, answer_code, chat_completion, humaneval_program, raw_completion
+from wmtp_fn.eval.extract import HUMANEVAL_STOPS, alpaca_completion, answer_code, chat_completion, humaneval_program, raw_completion
 
 PROMPT_FORMATS: tuple[str, ...] = ("raw", "alpaca", "mbpp_alpaca", "codecontests_alpaca", "chat")
-CONTINUES = ("raw", "alpaca")  # formats whose answer continues the function prompt
+CONTINUES = ("raw", "alpaca", "chat")  # formats whose completion follows the function prompt
 
 MBPP_SUFFIX = "\n\nThe function should be named '{name}'."
 CODECONTESTS_PREFIX = "Write a Python solution that reads from stdin and prints to stdout.\n\n"
@@ -180,7 +181,7 @@ def stops_for(prompt_format: str) -> tuple[str, ...]:
     the extracted completion: HumanEval's for a raw continuation (``completion_for`` cuts
     there anyway); none for answers, whose code block may be followed by anything."""
     check_prompt_format(prompt_format)
-    return HUMANEVAL_STOPS if prompt_format in CONTINUES else ()
+    return HUMANEVAL_STOPS if prompt_format == "raw" else ()
 
 
 def completion_for(problem: Problem, text: str, prompt_format: str) -> str:
@@ -190,8 +191,10 @@ def completion_for(problem: Problem, text: str, prompt_format: str) -> str:
     MBPP / CodeContests answer is a whole program (its prompt is prose, not code).
     """
     check_prompt_format(prompt_format)
-    if prompt_format in CONTINUES:
+    if prompt_format == "raw":
         return raw_completion(text)
+    if prompt_format == "alpaca":
+        return alpaca_completion(text, problem.entry_point)
     if prompt_format == "chat":
         return chat_completion(text, problem.entry_point)
     return answer_code(text)
@@ -205,5 +208,5 @@ def program_for(problem: Problem, completion: str, prompt_format: str) -> str:
             "prompt_format 'codecontests_alpaca' is judged by stdin/stdout tests, "
             "not by a check() program"
         )
-    prefix = problem.prompt if prompt_format in (*CONTINUES, "chat") else ""
+    prefix = problem.prompt if prompt_format in CONTINUES else ""
     return humaneval_program(prefix, completion, problem.test, problem.entry_point)
