@@ -372,3 +372,22 @@ def test_uniform_and_critic_modes_and_bad_mode():
     assert control_weights("critic", w, mask) is w
     with pytest.raises(ConfigError, match="control mode"):
         control_weights("noise", w, mask)
+
+
+def test_weight_sums_by_hand_at_the_clip_bounds_a_zero_weight_and_one_token():
+    """Hand-computed sums: a raw weight exactly at w_min or w_max is not clipped, a valid zero
+    weight adds 0 to Σ w·log(w + 1e-10) (not NaN), every sum is fp64, and one valid token's
+    statistics are that token's weight."""
+    w = torch.tensor([[0.1, 3.0, 0.1, 3.0, 0.0, 2.0]], dtype=torch.float32)
+    raw = torch.tensor([[0.1, 3.0, 0.05, 3.5, 0.0, 2.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    sums = weight_sums(w, mask, raw, w_min=0.1, w_max=3.0)
+    assert all(v.dtype == torch.float64 for v in sums.values())
+    assert sums["clipped"].item() == 3  # 0.05, 3.5 and the raw 0.0 — not the two at the bounds
+    wd = w.double()[0, :5]
+    assert sums["w_log_w_sum"].item() == pytest.approx(float((wd * torch.log(wd + 1e-10)).sum()), abs=1e-12)
+    assert (sums["n"].item(), sums["w_sum"].item()) == (5, pytest.approx(6.2, abs=1e-6))
+
+    one = weight_stats(weight_sums(torch.tensor([[2.5, 9.0]]), torch.tensor([[1, 0]])))
+    assert one["mean"].item() == pytest.approx(2.5) and one["std"].item() == 0.0
+    assert (one["min"].item(), one["max"].item()) == (2.5, 2.5)
