@@ -391,3 +391,35 @@ def test_weight_sums_by_hand_at_the_clip_bounds_a_zero_weight_and_one_token():
     one = weight_stats(weight_sums(torch.tensor([[2.5, 9.0]]), torch.tensor([[1, 0]])))
     assert one["mean"].item() == pytest.approx(2.5) and one["std"].item() == 0.0
     assert (one["min"].item(), one["max"].item()) == (2.5, 2.5)
+
+
+def test_validation_td_weights_by_hand_with_the_default_settings():
+    """Float64 hand computation with the defaults (β = 1, clip [0.1, 3.0]) on values that reach
+    both clip bounds; the batch's own unbiased moments, or the `sums` given for a larger batch;
+    exactly two valid tokens already get whitened weights (one gets w = m, in adv's dtype)."""
+    import math
+
+    from wmtp_fn.losses.weighting import whiten, whitening_sums
+
+    vals = [-10.0, 1.0] + [0.0] * 17 + [10.0]  # 20 valid tokens: z reaches about ±3
+    adv = torch.tensor([vals + [9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1] * 20 + [0]])
+    mu = sum(vals) / 20
+    sd = math.sqrt(sum((v - mu) ** 2 for v in vals) / 19)
+    want = [min(max(math.exp((v - mu) / (sd + 1e-8)), 0.1), 3.0) for v in vals] + [0.0]
+    w, mean, std = validation_td_weights(adv, mask)
+    assert (mean.item(), std.item()) == (pytest.approx(mu), pytest.approx(sd))
+    assert w[0].tolist() == pytest.approx(want, abs=1e-12)
+    assert want[0] == 0.1 and want[19] == 3.0 and 1.0 < want[1] < 3.0  # both bounds, and β = 1, matter
+
+    wider = whitening_sums(torch.tensor([[10.0, 20.0, 30.0]], dtype=torch.float64), torch.ones(1, 3))
+    _, mean2, _ = validation_td_weights(adv, mask, sums=wider)
+    assert mean2.item() == pytest.approx(20.0)
+
+    two, _, _ = validation_td_weights(adv, torch.tensor([[1, 1] + [0] * 19]))
+    assert two[0, :2].tolist() != [1.0, 1.0] and two[0, 2:].abs().sum() == 0
+    one, _, _ = validation_td_weights(adv, torch.tensor([[0, 1] + [0] * 19]))
+    assert one.dtype == adv.dtype and one[0].tolist() == [0.0, 1.0] + [0.0] * 19
+
+    x = torch.tensor([1.0, 2.0], dtype=torch.float32)
+    assert whiten(x, torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)).dtype == torch.float32
