@@ -423,3 +423,31 @@ def test_validation_td_weights_by_hand_with_the_default_settings():
 
     x = torch.tensor([1.0, 2.0], dtype=torch.float32)
     assert whiten(x, torch.tensor(1.0, dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64)).dtype == torch.float32
+
+
+def test_the_weight_functions_defaults_are_the_documented_settings():
+    """td_weights / control_weights called with their defaults give what the documented
+    defaults (β = 1, clip [0.1, 3.0], random matched to the batch, the caller's generator)
+    give when passed explicitly, on inputs where every one of them changes the result."""
+    from wmtp_fn.errors import ConfigError
+    from wmtp_fn.losses.weighting import control_weights, raw_weights, td_weights
+
+    adv = torch.tensor([[-10.0, 1.0, 0.0, 0.0, 10.0, 0.5]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    mean, std = torch.tensor(0.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)
+    explicit = td_weights(adv, mask, mean, std, beta=1.0, w_min=0.1, w_max=3.0)
+    assert torch.equal(td_weights(adv, mask, mean, std), explicit)
+    assert explicit[0, 0] == 0.1 and explicit[0, 4] == 3.0 and 1.0 < explicit[0, 1] < 3.0
+
+    def random(**kw):
+        return control_weights("random", explicit, mask, generator=torch.Generator().manual_seed(4), **kw)
+
+    want = random(random_matched=True, w_min=0.1, w_max=3.0)
+    assert torch.equal(random(), want)
+    assert not torch.equal(random(random_matched=False), want)
+    torch.manual_seed(0)  # the global generator must not be what draws them
+    assert torch.equal(random(), want)
+    uniform = control_weights("uniform", explicit, mask)
+    assert uniform.dtype == explicit.dtype and uniform.tolist() == [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]
+    with pytest.raises(ConfigError, match=r"td.beta must be > 0, got 0.0"):
+        raw_weights(adv, mean, std, beta=0.0)
