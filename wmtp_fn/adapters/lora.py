@@ -20,7 +20,7 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, filled, slot_paths
+from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, empty_slots, filled, slot_paths
 from wmtp_fn.adapters.spec import AdapterSpec
 from wmtp_fn.fingerprint import check_same_base, fingerprint
 
@@ -215,12 +215,7 @@ def bound(
             for _ in range(n):
                 logits = base(ids).logits
     """
-    slots = slot_paths(module)
-    if not slots:
-        raise ValueError(f"{type(module).__name__} has no LoRA slots; call install_slots first")
-    busy = next((p for p, s in slots.items() if s.lora_A is not None), None)
-    if busy is not None:
-        raise RuntimeError(f"slot {busy!r} already has an adapter bound; `bound` blocks do not nest")
+    slots = empty_slots(module)
     binding = bind(adapter, spec, dtype=dtype or next(iter(slots.values())).weight.dtype, train=train)
     check_bindable(module, binding, slots)
     with filled(slots, binding):

@@ -20,7 +20,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from wmtp_fn.adapters.lora import to_flat
-from wmtp_fn.adapters.slots import slot_paths
+from wmtp_fn.adapters.slots import empty_slots
 from wmtp_fn.adapters.spec import AdapterSpec
 
 
@@ -107,12 +107,7 @@ def merged_into(module: nn.Module, adapter: TensorDict, spec: AdapterSpec) -> It
     back on exit (also on an exception); the base's own tensors are never written. No grad;
     slots must be empty. Costs one copy of the target weights while it lasts.
     """
-    slots = slot_paths(module)
-    if not slots:
-        raise ValueError(f"{type(module).__name__} has no LoRA slots; call install_slots first")
-    busy = next((p for p, s in slots.items() if s.lora_A is not None), None)
-    if busy is not None:
-        raise RuntimeError(f"slot {busy!r} has an adapter bound; merge into empty slots")
+    slots = empty_slots(module)
     paths = list(delta_weights(adapter, spec))
     missing = next((p for p in paths if p not in slots), None)
     if missing is not None:

@@ -110,6 +110,18 @@ def slot_paths(model: nn.Module) -> dict[str, LoRASlot]:
     return {p: m for p, m in model.named_modules() if isinstance(m, LoRASlot)}
 
 
+def empty_slots(model: nn.Module) -> dict[str, LoRASlot]:
+    """`slot_paths(model)`, checked: slots are installed and none has an adapter bound (binding
+    blocks do not nest)."""
+    slots = slot_paths(model)
+    if not slots:
+        raise ValueError(f"{type(model).__name__} has no LoRA slots; call install_slots first")
+    busy = next((p for p, s in slots.items() if s.lora_A is not None), None)
+    if busy is not None:
+        raise RuntimeError(f"slot {busy!r} already has an adapter bound; `bound` blocks do not nest")
+    return slots
+
+
 @contextmanager
 def filled(slots: Mapping[str, LoRASlot], binding: Mapping[str, torch.Tensor]) -> Iterator[None]:
     """Put `binding` (`{"<slot path>.<leaf>": tensor}`) into the slots for the duration of the
