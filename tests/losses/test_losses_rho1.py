@@ -346,6 +346,10 @@ def test_selection_stats():
     (w0,), t0 = select_exact([e], [v], 0.0)
     s0 = selection_stats(w0, v, e, nll, t0)
     assert s0["threshold_count"].tolist() == [0, 0] and s0["selected_ce_sum"].tolist() == [0.0, 0.0]
+    assert s0["threshold_sum"].tolist() == [0.0, 0.0]  # a head that selected nothing adds no threshold
+    assert s["threshold_count"].dtype == torch.int64  # summed over micro-batches and ranks as a count
+    s64 = selection_stats(w, v, e, nll, threshold.double())
+    assert s64["threshold_sum"].dtype == e.dtype and s64["threshold_sum"].tolist() == [3.0, 2.0]
 
 
 def test_bad_input_errors():

@@ -451,3 +451,31 @@ def test_the_weight_functions_defaults_are_the_documented_settings():
     assert uniform.dtype == explicit.dtype and uniform.tolist() == [[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]]
     with pytest.raises(ConfigError, match=r"td.beta must be > 0, got 0.0"):
         raw_weights(adv, mean, std, beta=0.0)
+
+
+def test_whitening_state_types_and_update_arguments():
+    """The running statistics are fp64 / int64 scalars in a batch-less TensorDict; the update
+    refuses a bad warm-up (negative, float, bool), a bad alpha and bad sums, each naming the
+    key; warm-up 0 blends with α from the first update; fp32 sums are reduced in fp64."""
+    from wmtp_fn.errors import ConfigError
+    from wmtp_fn.losses.weighting import init_whitening, update_whitening
+
+    s = init_whitening()
+    assert s.batch_size == torch.Size([])
+    assert (s["mean"].dtype, s["std"].dtype, s["updates"].dtype) == (torch.float64, torch.float64, torch.int64)
+    sums = torch.tensor([6.0, 14.0, 3.0], dtype=torch.float64)  # x = 1, 2, 3: μ = 2, σ = sqrt(2/3)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match=rf"td.whitening warmup must be an int >= 0, got {bad!r}"):
+            update_whitening(s, sums, warmup=bad)
+    with pytest.raises(ConfigError, match=r"td.whitening alpha must be in \[0, 1\], got 1.5"):
+        update_whitening(s, sums, alpha=1.5)
+    with pytest.raises(ValueError, match=r"batch_sums \(Σx, Σx², N\) of shape \[3\], got \(2,\)"):
+        update_whitening(s, sums[:2])
+    zero = update_whitening(s, sums, warmup=0, alpha=0.25)
+    assert zero["mean"].item() == pytest.approx(0.25 * 2.0) and zero["updates"].item() == 1
+
+    x = [3000.0, 3001.0, 3004.0]  # fp32 sums whose variance cancels in fp32 (1.41 instead of 1.60)
+    sums32 = torch.tensor([sum(x), sum(v * v for v in x), 3.0], dtype=torch.float32)
+    t, q = float(sums32[0]), float(sums32[1])
+    want = math.sqrt(max(q / 3 - (t / 3) ** 2, 1e-8))
+    assert update_whitening(init_whitening(), sums32, warmup=1)["std"].item() == pytest.approx(want, rel=1e-9)
