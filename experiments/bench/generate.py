@@ -8,8 +8,10 @@
 
 Variants, each on its own freshly built model of the same weights, one process, one device:
 
-    ours     wmtp_fn.eval.generate: the adapter bound once into the base's LoRA slots, stop
-             sequences checked per row during generation (what `evaluate` runs)
+    ours     wmtp_fn.eval.generate: the adapter merged into the weights for the call
+             (`adapters.merged_into`), stop sequences checked during generation (what
+             `evaluate` runs)
+    ours-bound  the same with the adapter bound into the base's LoRA slots instead
     peft     transformers generate on a PeftModel holding the same adapter (a PEFT directory)
     merged   transformers generate on the base with the adapter merged into its weights
     base     transformers generate on the base alone (no adapter: the ceiling)
@@ -55,7 +57,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False),
 }
-VARIANTS = ("ours", "peft", "merged", "base")
+VARIANTS = ("ours", "ours-bound", "peft", "merged", "base")
 
 
 def build_model(args, tokenizer) -> LlamaForCausalLM:
@@ -110,12 +112,13 @@ def variant_runner(name: str, args, tokenizer, peft_dir: Path):
     """A fresh model for `name` and the function generating with it: prompts -> token rows."""
     model = build_model(args, tokenizer)
     adapter, spec = make_adapter(model, args)
-    if name == "ours":
+    if name in ("ours", "ours-bound"):
         view = next_token_model(model)
 
         def run(prompts, sampling, seed):
             return [list(g.token_ids) for g in generate(view, tokenizer, prompts, sampling, base=model,
-                                                        adapter=(adapter, spec), seed=seed)]
+                                                        adapter=(adapter, spec), seed=seed,
+                                                        merge=name == "ours")]
         return model, run
     plain = build_model(args, tokenizer)  # no slots: what a transformers user has
     del model

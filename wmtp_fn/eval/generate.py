@@ -127,12 +127,18 @@ def _stopping_criterion(prompt_len: int, stops: Sequence[str], eos_id: int, toke
             n = input_ids.shape[1] - prompt_len
             last = input_ids[:, -1].tolist()
             rows = input_ids[:, max(prompt_len, input_ids.shape[1] - window):].tolist() if stops else None
+            pending = []
             for row in range(input_ids.shape[0]):
                 if row in self.finished:
                     continue
                 if last[row] == eos_id:
                     self.finished[row] = (n, "eos")
-                elif stops and first_stop(tokenizer.decode(rows[row], skip_special_tokens=True), stops) is not None:
+                elif stops:
+                    pending.append(row)
+            # one batched decode per step (the tokenizer's own parallel path), not one per row
+            texts = tokenizer.batch_decode([rows[r] for r in pending], skip_special_tokens=True) if pending else []
+            for row, text in zip(pending, texts):
+                if first_stop(text, stops) is not None:
                     self.finished[row] = (n, "stop")
             done = [row in self.finished for row in range(input_ids.shape[0])]
             return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
