@@ -16,6 +16,6 @@ def test_generate_bench_runs_on_cpu_and_every_variant_decodes_alike(tmp_path):
     spec.loader.exec_module(bench)
     out = bench.main(["--shape", "tiny", "--device", "cpu", "--prompts", "3", "--samples", "2",
                       "--max-new-tokens", "8", "--batch-size", "6", "--json", str(tmp_path / "r.json")])
-    assert out["guard"] == {"ours": True, "peft": True, "merged": True}
-    assert [r["variant"] for r in out["rows"]] == ["ours", "peft", "merged", "base"]
+    assert out["guard"] == {"ours": True, "ours-bound": True, "peft": True, "merged": True}
+    assert [r["variant"] for r in out["rows"]] == ["ours", "ours-bound", "peft", "merged", "base"]
     assert all(0 < r["generated_tokens"] <= 3 * 2 * 8 for r in out["rows"])
