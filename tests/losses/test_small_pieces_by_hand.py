@@ -1,0 +1,54 @@
+"""Hand-computed values for the small pieces every weighted loss leans on (each assertion here
+was written against a mutant that survived the module's own tests)."""
+
+import pytest
+import torch
+
+from wmtp_fn.errors import ConfigError
+from wmtp_fn.losses.normalise import component_weights
+from wmtp_fn.losses.rho1 import rho1_weights
+from wmtp_fn.losses.weighting import clip_weights, lognormal_weights, whitening_sums
+
+
+def test_component_weights_by_hand():
+    # N = (0, 1, 4): two active components, scale_k = 1 / (N_k · 2), the empty one 0
+    got = component_weights(torch.tensor([0, 1, 4]))
+    assert got.dtype == torch.float32 and got.tolist() == [0.0, 0.5, 0.125]
+    assert component_weights(torch.tensor([0, 0, 3])).tolist() == [0.0, 0.0, pytest.approx(1 / 3)]
+    assert component_weights(torch.tensor([0, 0])).tolist() == [0.0, 0.0]  # all masked: a finite 0
+
+
+def test_whitening_sums_by_hand_and_its_shape_check():
+    x = torch.tensor([[1.5, -2.0, 7.0]], dtype=torch.float32)
+    sums = whitening_sums(x, torch.tensor([[1, 1, 0]]))
+    assert sums.dtype == torch.float64 and sums.tolist() == [-0.5, 6.25, 2.0]
+    with pytest.raises(ValueError, match=r"whitening_sums expects \[B, T\] tensors of one shape, got \{'x': \(1, 3\), 'mask': \(1, 2\)\}"):
+        whitening_sums(x, torch.ones(1, 2))
+
+
+def test_clip_weights_allows_a_single_point_range():
+    mask = torch.tensor([[1, 1, 0]])
+    got = clip_weights(torch.tensor([[0.2, 5.0, 9.0]]), mask, w_min=1.0, w_max=1.0)
+    assert got.tolist() == [[1.0, 1.0, 0.0]]
+    with pytest.raises(ConfigError, match="0 <= w_min <= w_max"):
+        clip_weights(torch.ones(1, 1), torch.ones(1, 1), w_min=2.0, w_max=1.0)
+
+
+def test_lognormal_weights_are_fp32_whatever_the_moments_dtype():
+    mask = torch.ones(2, 3)
+    gen = torch.Generator().manual_seed(0)
+    w = lognormal_weights(mask, torch.tensor(1.3, dtype=torch.float64), torch.tensor(0.9, dtype=torch.float64),
+                          generator=gen)
+    assert w.dtype == torch.float32 and bool((w > 0).all())
+
+
+def test_rho1_weights_use_the_mode_they_are_given():
+    """absolute mode ranks |policy − ref|: the token the policy predicts far *better* than the
+    reference (excess −5) is selected, which the signed default would never select."""
+    policy = torch.tensor([[[0.0], [3.0], [1.0]]])
+    ref = torch.tensor([[[5.0], [2.0], [1.0]]])
+    valid = torch.ones(1, 3, 1, dtype=torch.bool)
+    w, _, _ = rho1_weights(policy, ref, valid, ratio=1 / 3, mode="absolute")
+    assert w[0, :, 0].tolist() == [1.0, 0.0, 0.0]
+    w_signed, _, _ = rho1_weights(policy, ref, valid, ratio=1 / 3)
+    assert w_signed[0, :, 0].tolist() == [0.0, 1.0, 0.0]
