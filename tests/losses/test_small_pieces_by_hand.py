@@ -52,3 +52,32 @@ def test_rho1_weights_use_the_mode_they_are_given():
     assert w[0, :, 0].tolist() == [1.0, 0.0, 0.0]
     w_signed, _, _ = rho1_weights(policy, ref, valid, ratio=1 / 3)
     assert w_signed[0, :, 0].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_lambda_schedule_bounds_defaults_and_argument_errors():
+    from wmtp_fn.losses.critic import lambda_at
+
+    assert lambda_at(100) == 1.0  # default: constant at start = 1 (Monte-Carlo)
+    assert lambda_at(3, start=0.0) == 0.0  # the bounds are inclusive
+    assert lambda_at(10, schedule="linear", start=1.0, end=0.5, warmup_steps=0, decay_steps=1) == 0.5
+    for key, kwargs, shown in (("start", dict(start=1.5), "1.5"), ("end", dict(end=-0.1), "-0.1")):
+        with pytest.raises(ConfigError, match=rf"critic.lambda_schedule.{key} must be in \[0, 1\], got {shown}"):
+            lambda_at(0, **kwargs)
+    for step in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"step must be an int >= 0, got {step!r}"):
+            lambda_at(step, schedule="linear")
+    for decay in (0, 1.5, True):
+        with pytest.raises(ConfigError, match=rf"decay_steps must be an int >= 1, got {decay!r}"):
+            lambda_at(0, schedule="cosine", decay_steps=decay)
+
+
+def test_auc_by_hand_with_ties_and_its_shape_error():
+    from wmtp_fn.losses.critic import auc
+
+    # positives 0.9, 0.5; negatives 0.5, 0.1: pairs (0.9>0.5, 0.9>0.1, 0.5=0.5 -> 1/2, 0.5>0.1) = 3.5 / 4
+    got = auc(torch.tensor([0.9, 0.5, 0.5, 0.1], dtype=torch.float32), torch.tensor([1, 1, 0, 0]))
+    assert got.dtype == torch.float64 and got.item() == 0.875
+    with pytest.raises(ValueError, match=r"auc expects scores \[N\] and labels \[N\], got \(2, 2\), \(4,\)"):
+        auc(torch.zeros(2, 2), torch.zeros(4))
+    with pytest.raises(ValueError, match=r"got \(4,\), \(3,\)"):
+        auc(torch.zeros(4), torch.zeros(3))
