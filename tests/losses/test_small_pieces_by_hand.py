@@ -81,3 +81,21 @@ def test_auc_by_hand_with_ties_and_its_shape_error():
         auc(torch.zeros(2, 2), torch.zeros(4))
     with pytest.raises(ValueError, match=r"got \(4,\), \(3,\)"):
         auc(torch.zeros(4), torch.zeros(3))
+
+
+def test_sequence_value_stats_by_hand_on_tiny_and_constant_values():
+    """Row 0 rises by 1e-3 a step (a perfect position correlation however small the scale), row 1
+    is constant (correlation ~0, variance 0), row 2 has one jump (spikiness max/mean = 3/1.5)."""
+    from wmtp_fn.losses.critic import sequence_value_stats
+
+    v = torch.tensor([[0.0, 1e-3, 2e-3, 3e-3], [0.5, 0.5, 0.5, 0.5], [0.0, 0.0, 3.0, 9.0]], dtype=torch.float32)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 1, 0]])
+    stats = sequence_value_stats(v, mask)
+    corr, ok = stats["position_corr"]
+    assert ok.tolist() == [True, True, True]
+    assert corr[0].item() == pytest.approx(1.0, abs=1e-6) and corr[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert corr.dtype == torch.float64
+    var, _ = stats["token_variance"]
+    assert var[1].item() == pytest.approx(0.0, abs=1e-12) and var[0].item() == pytest.approx(float(torch.tensor([0, 1e-3, 2e-3, 3e-3]).double().var()), rel=1e-5)
+    spike, spike_ok = stats["spikiness"]
+    assert spike_ok.tolist() == [True, True, True] and spike[2].item() == pytest.approx(3.0 / 1.5)
