@@ -99,3 +99,21 @@ def test_sequence_value_stats_by_hand_on_tiny_and_constant_values():
     assert var[1].item() == pytest.approx(0.0, abs=1e-12) and var[0].item() == pytest.approx(float(torch.tensor([0, 1e-3, 2e-3, 3e-3]).double().var()), rel=1e-5)
     spike, spike_ok = stats["spikiness"]
     assert spike_ok.tolist() == [True, True, True] and spike[2].item() == pytest.approx(3.0 / 1.5)
+
+
+def test_head_token_nll_honours_a_custom_ignore_index_and_checks_shapes():
+    from wmtp_fn.losses.mtp import head_token_nll
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    unembedding = torch.randn(11, 8, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([[1, 2, 3, -100, 4], [5, -100, 6, 7, 8]])
+    want_nll, want_valid = head_token_nll(hidden, unembedding, labels, 2)
+    custom = torch.where(labels == -100, torch.full_like(labels, -7), labels)
+    got_nll, got_valid = head_token_nll(hidden, unembedding, custom, 2, ignore_index=-7)
+    assert torch.equal(got_valid, want_valid) and torch.equal(got_nll, want_nll)
+    # head 2 at t predicts labels[t + 2]: by hand for one position
+    logp = torch.log_softmax(hidden[0, 0] @ unembedding.T, dim=-1)
+    assert want_nll[0, 0].item() == pytest.approx(-logp[3].item(), abs=1e-12) and not want_valid[0, 1]
+    with pytest.raises(ValueError, match=r"head_token_nll expects hidden \[B, T, d\] and labels \[B, T\]; got \(2, 5, 8\), \(2, 4\)"):
+        head_token_nll(hidden, unembedding, labels[:, :4], 1)
