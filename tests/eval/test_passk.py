@@ -221,3 +221,46 @@ def test_pass_at_k_diff_refuses_what_it_cannot_compare():
         pass_at_k_diff({"p1": (8, 1)}, {"p1": (4, 1)}, ks=(5,))  # b has only 4 samples
     with pytest.raises(ValueError, match="same shape"):
         paired_bootstrap_diff([0.1, 0.2], [0.1])
+
+
+def _reference_interval(values, *, n_boot, confidence, seed):
+    idx = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
+    means = [float(np.mean(np.asarray(values)[row])) for row in idx]
+    lo, hi = np.quantile(means, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(np.mean(values)), float(lo), float(hi)
+
+
+def test_pass_at_k_table_records_its_settings_and_each_interval_independently():
+    results = {"a": (10, 3), "b": (12, 0), "c": (10, 10), "d": (11, 5)}
+    got = pass_at_k_table(results, ks=(1, 10, 11), n_boot=250, confidence=0.8, seed=3)
+    assert {k: got[k] for k in ("n_problems", "n_min", "n_max", "confidence", "n_boot", "seed")} == {
+        "n_problems": 4, "n_min": 10, "n_max": 12, "confidence": 0.8, "n_boot": 250, "seed": 3}
+    assert list(got["skipped"]) == ["pass@11"]
+    for k in (1, 10):
+        per = [estimate_pass_at_k([n], [c], k)[0] for n, c in results.values()]
+        want = _reference_interval(per, n_boot=250, confidence=0.8, seed=3)
+        cell = got["pass_at_k"][f"pass@{k}"]
+        np.testing.assert_allclose([cell["mean"], cell["lo"], cell["hi"]], want, rtol=0, atol=1e-12)
+    default = pass_at_k_table(results, ks=(1,), n_boot=250)
+    assert default["seed"] == 0 and default["confidence"] == 0.95
+    assert default["pass_at_k"]["pass@1"] == pass_at_k_table(results, ks=(1,), n_boot=250, seed=0)["pass_at_k"]["pass@1"]
+    np.testing.assert_allclose(list(default["pass_at_k"]["pass@1"].values()),
+                               _reference_interval([estimate_pass_at_k([n], [c], 1)[0] for n, c in results.values()],
+                                                   n_boot=250, confidence=0.95, seed=0), atol=1e-12)
+    with pytest.raises(ValueError, match=r"^pass_at_k_table: no results \(expected problem_id -> \(n, c\)\)$"):
+        pass_at_k_table({})
+
+
+def test_pass_at_k_diff_defaults_and_its_message_lists_five_ids():
+    a = {f"p{i}": (4, i % 3) for i in range(8)}
+    b = {f"p{i}": (4, (i + 1) % 3) for i in range(8)}
+    assert pass_at_k_diff(a, b, ks=(1,), n_boot=200) == pass_at_k_diff(a, b, ks=(1,), n_boot=200, seed=0)
+    one, two = [v for v in a.values()], [v for v in b.values()]
+    want = _reference_interval([x - y for x, y in zip(estimate_pass_at_k([n for n, _ in one], [c for _, c in one], 1),
+                                                      estimate_pass_at_k([n for n, _ in two], [c for _, c in two], 1))],
+                               n_boot=200, confidence=0.95, seed=0)
+    cell = pass_at_k_diff(a, b, ks=(1,), n_boot=200)["diff"]["pass@1"]
+    np.testing.assert_allclose([cell["mean"], cell["lo"], cell["hi"]], want, atol=1e-12)
+    with pytest.raises(ValueError, match=r"^pass_at_k_diff: the two adapters must be evaluated on the same problems; "
+                                         r"only in a: \['p0', 'p1', 'p2', 'p3', 'p4'\], only in b: \[\]$"):
+        pass_at_k_diff(a, {"p7": (4, 1), "p6": (4, 1)})  # six only in a: the message shows the first five

@@ -117,3 +117,17 @@ def test_head_token_nll_honours_a_custom_ignore_index_and_checks_shapes():
     assert want_nll[0, 0].item() == pytest.approx(-logp[3].item(), abs=1e-12) and not want_valid[0, 1]
     with pytest.raises(ValueError, match=r"head_token_nll expects hidden \[B, T, d\] and labels \[B, T\]; got \(2, 5, 8\), \(2, 4\)"):
         head_token_nll(hidden, unembedding, labels[:, :4], 1)
+
+
+def test_td_weights_pass_their_clip_and_temperature_on():
+    from wmtp_fn.losses.weighting import td_weights, validation_td_weights
+
+    adv = torch.tensor([[-4.0, -0.5, 0.0, 0.5, 4.0]], dtype=torch.float64)
+    mask = torch.ones(1, 5)
+    mean, std = torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    w = td_weights(adv, mask, mean, std, beta=2.0, w_min=0.5, w_max=1.5)
+    want = torch.exp(adv / (1.0 + 1e-8) / 2.0).clamp(0.5, 1.5)
+    assert torch.allclose(w, want, atol=1e-12) and w.min() == 0.5 and w.max() == 1.5
+    vw, vmean, vstd = validation_td_weights(adv, mask, beta=2.0, w_min=0.5, w_max=1.5)
+    assert torch.allclose(vw, td_weights(adv, mask, vmean, vstd, beta=2.0, w_min=0.5, w_max=1.5), atol=0)
+    assert vw.min() == 0.5 and vw.max() == 1.5
