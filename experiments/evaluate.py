@@ -47,6 +47,7 @@ def get_config() -> ConfigDict:
     c.eval.top_p = 0.95  # nucleus sampling (ignored when greedy)
     c.eval.max_new_tokens = 512  # per sample; generation also ends at EOS and at the stop sequences
     c.eval.batch_size = 32  # rows per generate call
+    c.eval.cache = "auto"  # KV cache: static (compiled decoding, ~2x faster) on CUDA, dynamic elsewhere; or "static" / "dynamic"
     c.eval.ks = (1, 5, 10, 20)  # pass@k reported for each k <= n_samples
     c.eval.n_boot = 10000  # bootstrap resamples of the problems for the intervals
 

@@ -12,8 +12,12 @@ Variants, each on its own freshly built model of the same weights, one process, 
              (`adapters.merged_into`), stop sequences checked during generation (what
              `evaluate` runs)
     ours-bound  the same with the adapter bound into the base's LoRA slots instead
+    ours-nostops  ours without the stop-sequence check (its cost)
+    ours-static  ours with a static KV cache (Sampling.cache="static": on a GPU transformers
+             compiles the decoding step)
     peft     transformers generate on a PeftModel holding the same adapter (a PEFT directory)
     merged   transformers generate on the base with the adapter merged into its weights
+    merged-static  the same with transformers' static cache (cache_implementation="static")
     base     transformers generate on the base alone (no adapter: the ceiling)
 
 Every variant gets the same HumanEval prompts x samples, in the same left-padded batches
@@ -57,7 +61,7 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False),
 }
-VARIANTS = ("ours", "ours-bound", "peft", "merged", "base")
+VARIANTS = ("ours", "ours-static", "ours-bound", "ours-nostops", "peft", "merged", "merged-static", "base")
 
 
 def build_model(args, tokenizer) -> LlamaForCausalLM:
@@ -112,13 +116,17 @@ def variant_runner(name: str, args, tokenizer, peft_dir: Path):
     """A fresh model for `name` and the function generating with it: prompts -> token rows."""
     model = build_model(args, tokenizer)
     adapter, spec = make_adapter(model, args)
-    if name in ("ours", "ours-bound"):
+    if name.startswith("ours"):
         view = next_token_model(model)
 
         def run(prompts, sampling, seed):
+            if name == "ours-nostops":
+                sampling = Sampling(**{**sampling.__dict__, "stops": ()})
+            if name == "ours-static":
+                sampling = Sampling(**{**sampling.__dict__, "cache": "static"})
             return [list(g.token_ids) for g in generate(view, tokenizer, prompts, sampling, base=model,
                                                         adapter=(adapter, spec), seed=seed,
-                                                        merge=name == "ours")]
+                                                        merge=name != "ours-bound")]
         return model, run
     plain = build_model(args, tokenizer)  # no slots: what a transformers user has
     del model
@@ -126,10 +134,12 @@ def variant_runner(name: str, args, tokenizer, peft_dir: Path):
         from peft import PeftModel
 
         plain = PeftModel.from_pretrained(plain, str(peft_dir)).eval()
-    elif name == "merged":
+    elif name in ("merged", "merged-static"):
         plain.load_state_dict(merge(plain.state_dict(), adapter, spec))
     plain.generation_config = GenerationConfig()
-    return plain, lambda prompts, sampling, seed: hf_generate(plain, tokenizer, prompts, sampling, seed)
+    cache = "static" if name.endswith("-static") else "dynamic"
+    return plain, lambda prompts, sampling, seed: hf_generate(
+        plain, tokenizer, prompts, Sampling(**{**sampling.__dict__, "cache": cache}), seed)
 
 
 def sync(device: str) -> None:
@@ -151,6 +161,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--guard-prompts", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs of each variant, round-robin; the median is reported")
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -174,28 +185,37 @@ def main(argv=None) -> dict:
         export_peft(*make_adapter(model, args), peft_dir)
         del model
         greedy = Sampling(max_new_tokens=16, batch_size=args.guard_prompts)
-        for name in variants:
+        # Every variant's model lives for the whole run, and the timed runs go round-robin,
+        # `--repeats` times: clock ramps, allocator growth and other order effects fall on
+        # every variant alike instead of on whichever runs first. A row reports the median.
+        runners = {}
+        for name in dict.fromkeys(variants):
             model, run = variant_runner(name, args, tokenizer, peft_dir)
             if name != "base":
                 guard[name] = run([pr.prompt for pr in problems[: args.guard_prompts]], greedy, 0)
             run(prompts[: sampling.batch_size], Sampling(**{**sampling.__dict__, "max_new_tokens": 8}), 0)  # warm-up
-            sync(args.device)
-            start = time.perf_counter()
-            tokens = sum(len(r) for r in run(prompts, sampling, 0))
-            sync(args.device)
-            seconds = time.perf_counter() - start
-            rows.append({"variant": name, "generated_tokens": tokens, "seconds": round(seconds, 3),
-                         "tokens_per_s": round(tokens / seconds, 1)})
-            print(json.dumps(rows[-1]), flush=True)
-            del model, run
-            gc.collect()
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            runners[name] = (model, run)
+        trials: dict[str, list[tuple[int, float]]] = {name: [] for name in runners}
+        for _ in range(args.repeats):
+            for name, (_, run) in runners.items():
+                sync(args.device)
+                start = time.perf_counter()
+                tokens = sum(len(r) for r in run(prompts, sampling, 0))
+                sync(args.device)
+                trials[name].append((tokens, time.perf_counter() - start))
+                print(json.dumps({"variant": name, "generated_tokens": tokens,
+                                  "tokens_per_s": round(tokens / trials[name][-1][1], 1)}), flush=True)
+        for name, got in trials.items():
+            rates = sorted(tokens / seconds for tokens, seconds in got)
+            rows.append({"variant": name, "generated_tokens": got[0][0], "tokens_per_s": round(rates[len(rates) // 2], 1),
+                         "trials_tokens_per_s": [round(tokens / seconds, 1) for tokens, seconds in got]})
+        del runners
+        gc.collect()
     reference = guard.get("merged") or next(iter(guard.values()), None)
     result = {
         "shape": args.base or args.shape, "device": args.device, "dtype": args.dtype, "prompts": args.prompts,
         "samples": args.samples, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-        "rows": rows,
+        "repeats": args.repeats, "rows": rows,
         "guard": {name: toks == reference for name, toks in guard.items()},
     }
     ours = next((r for r in rows if r["variant"] == "ours"), None)
@@ -203,6 +223,8 @@ def main(argv=None) -> dict:
         if ours is not None:
             r["ours_speedup"] = round(ours["tokens_per_s"] / r["tokens_per_s"], 3)
     print(json.dumps(result["guard"]))
+    for r in rows:
+        print(json.dumps(r))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -80,16 +80,17 @@ def reference_greedy(base: Base, adapter, spec, tokenizer, prompt: str, steps: i
     return out
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
 @pytest.mark.parametrize("merge", [True, False], ids=["merged", "bound"])
 @pytest.mark.parametrize("kind", ["llama", "mtp"])
-def test_greedy_generate_with_a_bound_adapter_equals_argmax_of_apply(tokenizer, kind, merge):
+def test_greedy_generate_with_a_bound_adapter_equals_argmax_of_apply(tokenizer, kind, merge, cache):
     base = tiny_llama(tokenizer) if kind == "llama" else tiny_mtp(tokenizer)
     if kind == "llama":  # a checkpoint's own generation defaults must not leak into sampling
         base.module.generation_config = GenerationConfig(repetition_penalty=5.0, no_repeat_ngram_size=1)
     adapter, spec = trained_like(base)
     steps = 24
     weights = {n: p.clone() for n, p in base.module.named_parameters()}
-    gens = generate(next_token_model(base), tokenizer, PROMPTS, Sampling(max_new_tokens=steps, batch_size=3),
+    gens = generate(next_token_model(base), tokenizer, PROMPTS, Sampling(max_new_tokens=steps, batch_size=3, cache=cache),
                     base=base, adapter=(adapter, spec), merge=merge)
     assert all(torch.equal(p, weights[n]) for n, p in base.module.named_parameters())  # the base is as it was
     for prompt, got in zip(PROMPTS, gens):
@@ -147,6 +148,21 @@ def test_a_stop_sequence_ends_its_row_during_generation(tokenizer):
     ends = [n for n in range(1, steps + 1) if stop in tokenizer.decode(ids[:n])]
     assert stopped[0].n_tokens == ends[0] and stopped[0].token_ids == tuple(ids[: ends[0]])
     assert stopped[1] == free[1]  # the other row ran on to max_new_tokens
+
+
+def test_the_cache_setting_reaches_transformers_and_auto_means_static_on_cuda_only():
+    from wmtp_fn.errors import ConfigError
+    from wmtp_fn.eval.generate import generation_config
+
+    def impl(cache, device_type):
+        return generation_config(Sampling(cache=cache), 2, 0, device_type).cache_implementation
+
+    assert impl("auto", "cuda") == "static"
+    assert impl("auto", "cpu") in (None, "dynamic")
+    assert impl("static", "cpu") == "static"
+    assert impl("dynamic", "cuda") in (None, "dynamic")
+    with pytest.raises(ConfigError, match="cache must be one of"):
+        Sampling(cache="paged")
 
 
 def test_sampling_is_reproducible_by_seed(tokenizer):

@@ -203,7 +203,7 @@ def run(config: ConfigDict) -> EvalResult:
     if ev.baseline and ev.baseline not in [n for n, _ in adapters]:
         raise ConfigError(f"eval.baseline is {ev.baseline!r}, not one of the adapters {[n for n, _ in adapters]}")
     sampling = Sampling(max_new_tokens=ev.max_new_tokens, temperature=float(ev.temperature), top_p=float(ev.top_p),
-                        stops=stops_for(ev.prompt_format), batch_size=ev.batch_size)
+                        stops=stops_for(ev.prompt_format), batch_size=ev.batch_size, cache=ev.cache)
     limits = sandbox_limits(config.sandbox)
     prompts = [prompt_for(p, ev.prompt_format, tokenizer=tokenizer) for p in problems]
     seen = trained_on(adapters, [p.task_id for p in problems], allow=ev.allow_trained_problems)
@@ -238,7 +238,7 @@ def run(config: ConfigDict) -> EvalResult:
         benchmark=ev.benchmark, n_problems=len(problems), n_samples=ev.n_samples, temperature=float(ev.temperature),
         top_p=float(ev.top_p), seeds=[config.seed], problems=selection,
         extra={"selection": origin, "prompt_format": ev.prompt_format, "max_new_tokens": ev.max_new_tokens,
-               "stops": list(sampling.stops), "batch_size": ev.batch_size, "base": str(base.path),
+               "stops": list(sampling.stops), "batch_size": ev.batch_size, "cache": ev.cache, "base": str(base.path),
                "base_kind": base.kind, "dtype": str(dtype).removeprefix("torch."), "device": str(device),
                "adapters": {n: p for n, p in adapters}, "sandbox": {"timeout_s": limits.timeout_s,
                "memory_bytes": limits.memory_bytes, "workers": config.sandbox.workers}, "generation": speed,
