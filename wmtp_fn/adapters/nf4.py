@@ -92,11 +92,13 @@ def absmax_of(q: dict[str, torch.Tensor], blocksize2: int = 256) -> torch.Tensor
 def dequantize_nf4(q: dict[str, torch.Tensor], shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """The dense weight `Ŵ [out, in]` in `dtype` that `quantize_nf4` stands for.
 
-    Dequantised as one flat row and viewed as `shape`: blocks run over the flattened weight,
-    and bitsandbytes 0.50's CPU kernel mis-indexes them when `in` is not a multiple of 64
-    (it restarts the block count at each row); the flat call is exact on every device."""
+    Dequantised as one row `[1, out·in]` and viewed as `shape`: blocks run over the flattened
+    weight, and bitsandbytes 0.50's CPU kernel mis-indexes them when `in` is not a multiple of
+    64 (it restarts the block count at each row); the one-row call is exact on every device.
+    (2-D, not 1-D: the CPU kernel returns a 1-D shape as `[1, n]`, which the op's fake
+    implementation, and so a compiled graph, would not expect.)"""
     flat = torch.ops.bitsandbytes.dequantize_4bit.default(
-        q["packed"], absmax_of(q), BLOCKSIZE, "nf4", [math.prod(shape)], dtype
+        q["packed"], absmax_of(q), BLOCKSIZE, "nf4", [1, math.prod(shape)], dtype
     )
     return flat.view(*shape)
 
