@@ -327,3 +327,29 @@ def test_merging_is_refused_on_an_nf4_base_with_what_to_do_instead(tmp_path):
     with pytest.raises(ValueError, match="merged_into: " + msg):
         with merged_into(model, adapter, spec):
             pass
+
+
+@pytest.mark.slow
+def test_compiled_nf4_layers_match_eager_ones_with_checkpointing():
+    """The GPU path: `compile_layers(fullgraph=True)` over NF4 slots (bitsandbytes' ops are
+    registered custom ops with fake kernels), under activation checkpointing."""
+    from wmtp_fn.models.layers import checkpoint_layers, compile_layers
+
+    base, _ = nf4_llama(num_hidden_layers=1)
+    eager = copy.deepcopy(base.module)
+    checkpoint_layers(base.module)
+    compile_layers(base.module, fullgraph=True)
+    adapter, spec = init_adapter(base, SPECS["dora"], seed=0)
+    adapter = nudged(adapter)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+
+    def run(m):
+        a = adapter.apply(lambda t: t.detach().requires_grad_(True))
+        loss = apply(m, a, spec, ids).logits.square().mean()
+        loss.backward()
+        return loss.detach(), {k: t.grad for k, t in a.items(True, True)}
+
+    (l1, g1), (l2, g2) = run(base.module), run(eager)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
+    for k in g2:
+        torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-7)
