@@ -68,10 +68,11 @@ def weights(kind: str, shape=(96, 128), seed=0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["gauss", "heavy", "rows"])
-@pytest.mark.parametrize("shape", [(96, 128), (64, 176), (3, 64)])
+@pytest.mark.parametrize("shape", [(96, 128), (64, 176), (3, 64), (256, 384)])
 def test_dequantisation_is_the_hand_unpacking_of_the_format(kind, shape):
     """(64, 176): rows that are not a whole number of blocks (bitsandbytes 0.50's CPU kernel gets
-    those wrong when called with the 2-D shape; `dequantize_nf4` calls it flat)."""
+    those wrong when called with the 2-D shape; `dequantize_nf4` calls it flat). (256, 384):
+    1536 absmaxes, six second-level blocks of 256."""
     w = weights(kind, shape)
     q = quantize_nf4(w)
     assert q["packed"].dtype == torch.uint8 and q["packed"].numel() == w.numel() // 2
@@ -247,6 +248,52 @@ def test_adapter_gradients_match_a_float64_reference_on_the_dequantised_weights(
         assert err < 1e-5, (k, err)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_biased_nf4_slot_with_dora_is_the_dense_slot_over_the_dequantised_weight(dropout):
+    """DoRA with dropout recomputes the bias-free base output on the dropped-out input."""
+    lin = linear(bias=True)
+    slot = NF4Slot(lin)
+    dense_lin = nn.Linear(128, 96)
+    dense_lin.weight = nn.Parameter(reference_dequantize(slot.quant_state(), (96, 128)), requires_grad=False)
+    dense_lin.bias = lin.bias
+    dense = LoRASlot(dense_lin)
+    g = torch.Generator().manual_seed(0)
+    binding = {"lora_A": torch.randn(4, 128, generator=g) * 0.1, "lora_B": torch.randn(96, 4, generator=g) * 0.1,
+               "lora_magnitude": dense_lin.weight.norm(dim=1) * 1.1}
+    if dropout:
+        binding["lora_dropout"] = torch.tensor(dropout)
+    x = torch.randn(3, 128, generator=g)
+    outs = []
+    for s in (slot, dense):
+        torch.manual_seed(1)
+        outs.append(torch.func.functional_call(s, binding, (x,), strict=False))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_the_backward_dequantises_only_when_the_input_needs_a_gradient(monkeypatch):
+    import wmtp_fn.adapters.nf4 as nf4
+
+    slot = NF4Slot(linear())
+    calls = []
+    real = nf4.dequantize_nf4
+    monkeypatch.setattr(nf4, "dequantize_nf4", lambda *a: calls.append(1) or real(*a))
+    lora_a = torch.randn(4, 128, requires_grad=True)
+    x = torch.randn(3, 128)  # a frozen input: only the adapter needs a gradient
+    y = torch.func.functional_call(slot, {"lora_A": lora_a, "lora_B": torch.ones(96, 4)}, (x,), strict=False)
+    assert len(calls) == 1
+    y.sum().backward()
+    assert len(calls) == 1 and lora_a.grad is not None
+
+
+def test_without_bitsandbytes_quantising_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)
+    with pytest.raises(ImportError, match=r"^base.quantize='nf4' needs bitsandbytes: pip install 'wmtp_fn\[quant\]' "
+                                          r"\(bitsandbytes>=0.50.2,<0.51\)$"):
+        quantize_nf4(torch.ones(4, 64))
+
+
 def test_the_nf4_backward_into_the_input_holds_no_dense_weight():
     """Only the 4-bit tensors (and the input) are saved for the backward, never a dense Ŵ."""
     slot = NF4Slot(linear(out=256, inp=256))
@@ -300,10 +347,24 @@ def test_prepare_without_quantize_leaves_the_base_dense():
 def test_quantising_an_already_slotted_base_and_twice():
     module = build_base(tiny_llama_config(vocab_size=128), seed=0)
     install_slots(module, ("q_proj",))
-    assert len(quantize_linears(module)) == 14
+    want = [p for p, m in module.named_modules() if p.rpartition(".")[2] in TARGETS]
+    assert list(quantize_linears(module)) == want and len(want) == 14
     assert quantize_linears(module) == ()  # idempotent
+    assert quantized_slots(module) == want
+
+
+class OwnLinear(nn.Linear):
+    """A linear of another type (a subclass): not ours to quantise, as install_slots leaves it."""
+
+
+def test_only_plain_linears_and_dense_slots_are_quantised_and_at_the_root_too():
+    model = nn.Module()
+    model.q_proj, model.k_proj, model.v_proj = nn.Linear(64, 64), OwnLinear(64, 64), nn.Linear(64, 64)
+    model.o_proj = nn.Linear(64, 64)
+    assert quantize_linears(model, targets=("q_proj", "k_proj", "o_proj")) == ("q_proj", "o_proj")
+    assert isinstance(model.q_proj, NF4Slot) and type(model.k_proj) is OwnLinear and type(model.v_proj) is nn.Linear
     with pytest.raises(ValueError, match=r"quantize_linears: 'int8' is not one of \['nf4'\]"):
-        quantize_linears(module, quantize="int8")
+        quantize_linears(model, quantize="int8")
     with pytest.raises(ValueError, match=r"no linear named \['q_proj'\] to quantise in Linear"):
         quantize_linears(nn.Linear(4, 4), targets=("q_proj",))
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wmtp_fn.adapters.slots import LoRASlot, slot_paths
+from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, slot_paths
 from wmtp_fn.errors import ConfigError
 from wmtp_fn.adapters.spec import TARGETS, resolve_targets
 
@@ -45,7 +45,7 @@ def _bnb_functional():
         import bitsandbytes.functional as bnb_f
     except ImportError as e:  # pragma: no cover - exercised only without the extra
         raise ImportError(
-            "base.quantize='nf4' needs bitsandbytes: pip install 'wmtp_fn[quant]' (bitsandbytes>=0.49,<0.51)"
+            "base.quantize='nf4' needs bitsandbytes: pip install 'wmtp_fn[quant]' (bitsandbytes>=0.50.2,<0.51)"
         ) from e
     return bnb_f
 
@@ -142,7 +142,7 @@ class NF4Slot(LoRASlot):
         for name, t in quantize_nf4(linear.weight).items():
             self.register_buffer(f"weight_{name}", t, persistent=False)
         self.bias = linear.bias
-        for name in ("lora_A", "lora_B", "lora_magnitude", "lora_dropout"):
+        for name in SLOT_TENSORS:
             self.register_buffer(name, None, persistent=False)
 
     @property
@@ -178,8 +178,7 @@ def quantize_linears(model: nn.Module, targets: Sequence[str] | str = TARGETS, q
         parent_path, _, leaf = path.rpartition(".")
         if leaf not in wanted or isinstance(module, NF4Slot) or type(module) not in (nn.Linear, LoRASlot):
             continue
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, leaf, NF4Slot(module))
+        setattr(model.get_submodule(parent_path), leaf, NF4Slot(module))  # "" is the model itself
         done.append(path)
     if not done and not any(isinstance(s, NF4Slot) for s in slot_paths(model).values()):
         raise ValueError(f"no linear named {sorted(wanted)} to quantise in {type(model).__name__}")
