@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, slot_paths
-from wmtp_fn.errors import ConfigError
 from wmtp_fn.adapters.spec import TARGETS, resolve_targets
+from wmtp_fn.errors import ConfigError
 
 QUANT_TYPES = ("nf4",)
 BLOCKSIZE = 64  # elements per absmax (bitsandbytes' and PEFT's default)
@@ -43,7 +43,7 @@ NF4_MAX_REL_ERROR = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:])) / 2
 def _bnb_functional():
     try:
         import bitsandbytes.functional as bnb_f
-    except ImportError as e:  # pragma: no cover - exercised only without the extra
+    except ImportError as e:
         raise ImportError(
             "base.quantize='nf4' needs bitsandbytes: pip install 'wmtp_fn[quant]' (bitsandbytes>=0.50.2,<0.51)"
         ) from e
