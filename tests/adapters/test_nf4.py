@@ -270,7 +270,9 @@ def test_a_biased_nf4_slot_with_dora_is_the_dense_slot_over_the_dequantised_weig
     assert torch.equal(outs[0], outs[1])
 
 
-def test_the_backward_dequantises_only_when_the_input_needs_a_gradient(monkeypatch):
+def test_a_frozen_input_puts_no_backward_through_the_4bit_base(monkeypatch):
+    """The adapter's gradient does not pass through the base linear when x needs none (the first
+    layer's projections): one dequantisation, in the forward only."""
     import wmtp_fn.adapters.nf4 as nf4
 
     slot = NF4Slot(linear())

@@ -118,8 +118,8 @@ class _NF4Linear(torch.autograd.Function):
     def backward(ctx, grad_y):
         packed, absmax, absmax2, code2, offset = ctx.saved_tensors
         q = {"packed": packed, "absmax": absmax, "absmax2": absmax2, "code2": code2, "offset": offset}
-        grad_x = grad_y @ dequantize_nf4(q, ctx.shape, grad_y.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None, None, None, None
+        # x is the only differentiable input (the base is frozen): when the backward runs, x needs it
+        return grad_y @ dequantize_nf4(q, ctx.shape, grad_y.dtype), None, None, None, None, None, None, None
 
 
 _STATE = ("packed", "absmax", "absmax2", "code2", "offset")
