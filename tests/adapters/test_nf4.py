@@ -416,3 +416,28 @@ def test_compiled_nf4_layers_match_eager_ones_with_checkpointing():
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=0)
     for k in g2:
         torch.testing.assert_close(g1[k], g2[k], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_codes_are_the_cpu_ones_and_the_slot_is_dequantise_then_f_linear():
+    """bitsandbytes' CUDA kernels: the same 4-bit codes as on the CPU (ties aside), the hand
+    dequantisation up to the bf16 rounding, the forward `F.linear(x, Ŵ)` and the input
+    gradient `g Ŵ` exactly."""
+    w = weights("gauss", (512, 768)).bfloat16()
+    q_cpu, q_gpu = quantize_nf4(w), quantize_nf4(w.cuda())
+    for key in ("packed", "absmax"):
+        same = (q_cpu[key] == q_gpu[key].cpu()).float().mean()
+        assert same > 0.999, (key, same)
+    lin = nn.Linear(768, 512, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(w.cuda())
+    slot = NF4Slot(lin)
+    w_hat = slot.dense_weight()
+    ref = reference_dequantize({k: v.cpu() for k, v in slot.quant_state().items()}, (512, 768))
+    torch.testing.assert_close(w_hat.float().cpu(), ref, rtol=2**-8, atol=0)
+    x = torch.randn(4, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = slot(x)
+    assert torch.equal(y, F.linear(x.detach(), w_hat))
+    y.float().square().sum().backward()
+    assert torch.equal(x.grad, (2 * y.detach().float()).bfloat16() @ w_hat)
