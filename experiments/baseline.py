@@ -29,6 +29,7 @@ def get_config() -> ConfigDict:
     c.base.compile = False  # torch.compile each decoder layer (GPU)
     c.base.activation_memory_budget = 1.0  # with compile: < 1 recomputes cheap activations to save memory
     c.base.activation_checkpointing = False  # recompute each layer in the backward (less memory)
+    c.base.quantize = ""  # "nf4": QLoRA, the frozen linears in 4-bit NF4 (docs/qlora.md; needs the quant extra)
 
     c.mtp = ConfigDict()
     c.mtp.n_future = 3  # prediction heads (Meta's release: 4); a Llama base gets n_future - 1 copied heads

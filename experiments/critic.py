@@ -31,6 +31,7 @@ def get_config() -> ConfigDict:
     c.base.compile = False  # torch.compile each decoder layer (GPU)
     c.base.activation_memory_budget = 1.0  # with compile: < 1 recomputes cheap activations to save memory
     c.base.activation_checkpointing = False  # recompute each layer in the backward (less memory)
+    c.base.quantize = ""  # "nf4": QLoRA, the frozen linears in 4-bit NF4 (docs/qlora.md; needs the quant extra)
 
     c.critic = ConfigDict()
     c.critic.loss = "pairwise"  # "pairwise" (Bradley-Terry on mean values) | "lambda_return" (regression to λ-returns)

@@ -28,6 +28,7 @@ def get_config() -> ConfigDict:
     c.base.compile = False  # torch.compile each decoder layer (GPU)
     c.base.activation_memory_budget = 1.0  # with compile: < 1 recomputes cheap activations to save memory
     c.base.activation_checkpointing = False  # recompute each layer in the backward (less memory)
+    c.base.quantize = ""  # "nf4": QLoRA, the frozen linears in 4-bit NF4 (docs/qlora.md; needs the quant extra)
 
     c.data = ConfigDict()
     c.data.train_path = ""  # JSONL records (docs/data.md); "" = the embedded HumanEval data

@@ -33,8 +33,18 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
 
     Tensors are hashed after rounding to bfloat16 on the CPU, so the same checkpoint loaded in
     fp32 or bf16 has the same `weights` digest; `dtype` is recorded for information only
-    (see `check_same_base`). Must be computed on the unsharded base (before FSDP).
+    (see `check_same_base`). Must be computed on the unsharded base (before FSDP), and on the
+    full-precision weights: a QLoRA base (`adapters.nf4`) has the fingerprint of the weights
+    it was quantised from, taken at load (`models.prepare` adds `quant` for information), so
+    a module that is already quantised is refused here.
     """
+    quantised = next((n for n, m in model.named_modules() if getattr(m, "quant_type", None)), None)
+    if quantised is not None:
+        raise ValueError(
+            f"fingerprint: {type(model).__name__} is already quantised ({quantised!r} is "
+            f"{getattr(model.get_submodule(quantised), 'quant_type')}); take the fingerprint of the full-precision "
+            "weights before quantising (models.base.Base.of, then prepare(..., quantize=...))"
+        )
     cfg = getattr(model, "config", None)
     arch = {"class": type(model).__name__}
     if cfg is not None:
@@ -56,7 +66,8 @@ def fingerprint(model: nn.Module) -> dict[str, str]:
 
 
 def check_same_base(expected: dict[str, str] | None, actual: dict[str, str], *, what: str = "adapter") -> None:
-    """Raise if `actual` is not the base `expected` was made for (dtype may differ)."""
+    """Raise if `actual` is not the base `expected` was made for (dtype and quant may differ:
+    an adapter trained on the NF4 base of a checkpoint fits that checkpoint in bf16 too)."""
     if not expected:
         return
     diff = [k for k in ("arch", "shapes", "weights") if expected.get(k) != actual.get(k)]

@@ -2,6 +2,14 @@
 
     python experiments/bench/lora_step.py --shape llama-3.2-1b          # on a GPU
     python experiments/bench/lora_step.py --shape tiny --device cpu     # smoke test (CI)
+    python experiments/bench/qlora.py                                   # bf16 vs NF4 vs PEFT QLoRA
+
+QLoRA variants (docs/qlora.md): `ours-nf4*` are the same steps over the NF4 base
+(`prepare(..., quantize="nf4")`); `peft-qlora` is the seeds' recipe: `from_pretrained` with
+`BitsAndBytesConfig(nf4, double quant, bf16 compute)`, `prepare_model_for_kbit_training`
+(which turns on gradient checkpointing), `get_peft_model`; `peft-qlora-nogc` without the
+checkpointing. Peak memory is measured from after the model is built (and quantised), so a
+base quantised from bf16 weights is not charged for the bf16 copy it was made from.
 
 Every variant trains the same random-weight model (bf16 on GPU) on the same batch with fused
 AdamW; each is built fresh so its peak memory is its own. Steps are timed with CUDA events
@@ -22,6 +30,7 @@ import gc
 import json
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 from wmtp_fn.adapters import AdapterSpec, install_slots  # noqa: E402
 from wmtp_fn.adapters import init as init_adapter  # noqa: E402
 from wmtp_fn.losses.ntp import ntp_count, ntp_sums  # noqa: E402
-from wmtp_fn.models.base import freeze  # noqa: E402
+from wmtp_fn.models.base import Base, freeze  # noqa: E402
 from wmtp_fn.models.layers import checkpoint_layers, compile_layers  # noqa: E402
+from wmtp_fn.models.prepare import prepare  # noqa: E402
 from wmtp_fn.objectives import Objective, weighted_sum  # noqa: E402
 from wmtp_fn.objectives.ntp import ntp_objective  # noqa: E402
 from wmtp_fn.train import adamw  # noqa: E402
@@ -50,11 +60,15 @@ SHAPES = {
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0),
     "sheared-2.7b": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=32, num_attention_heads=20,
                          num_key_value_heads=20, vocab_size=32000, tie_word_embeddings=False),
+    # the 7B MTP release's trunk (a Llama-2-7B), as experiments/bench/mtp_step.py names it
+    "mtp-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                   num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
 }
 VARIANTS = ("peft-default", "peft-bf16", "peft-bf16-compiled", "ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-ac2",
-            "ours-mb70", "ours-mb60", "ours-mb50", "ours-mb30", "ours-autotune")
+            "ours-mb70", "ours-mb60", "ours-mb50", "ours-mb30", "ours-autotune",
+            "ours-nf4-eager", "ours-nf4", "ours-nf4-ac", "peft-qlora", "peft-qlora-nogc")
 
 
 @dataclass
@@ -66,6 +80,7 @@ class Row:
     peak_gib: float
     loss: float
     host_syncs: int
+    error: str = ""
 
 
 # ----------------------------------------------------------------------------- measurement
@@ -153,11 +168,52 @@ def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float,
     return pm, step
 
 
+def hf_dir(cfg: LlamaConfig, state: dict[str, torch.Tensor], root: Path) -> Path:
+    """The random model as a HuggingFace directory (written once), for `from_pretrained`."""
+    from safetensors.torch import save_file
+
+    path = root / "base"
+    if not (path / "config.json").is_file():
+        path.mkdir(parents=True)
+        cfg.save_pretrained(path)
+        tied = cfg.tie_word_embeddings
+        save_file({k: v.contiguous() for k, v in state.items() if not (tied and k == "lm_head.weight")},
+                  str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
+
+
+def peft_qlora_step(path: Path, cfg_kwargs: dict, batch, device: torch.device, dtype, *, lr: float,
+                    gradient_checkpointing: bool):
+    """The seeds' QLoRA: a bitsandbytes NF4 base (double quant, `dtype` compute) loaded by
+    transformers, `prepare_model_for_kbit_training`, PEFT LoRA with fp32 adapters, AdamW."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=dtype)
+    where = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = LlamaForCausalLM.from_pretrained(str(path), quantization_config=quant, dtype=dtype, device_map=where,
+                                             attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    pm = get_peft_model(model, LoraConfig(**cfg_kwargs))
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda)
+
+    def step():
+        loss = pm(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return pm, step
+
+
 def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,
-              memory_budget: float | None = None):
-    install_slots(model, TARGETS)
+              memory_budget: float | None = None, quantize: str = ""):
+    record = prepare(Base.of(model, "causal_lm"), targets=TARGETS, quantize=quantize)  # slots (over NF4)
     spec = AdapterSpec(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
-    adapter, spec = init_adapter(model, spec, seed=0)
+    adapter, spec = init_adapter(record, spec, seed=0)
     gen = torch.Generator().manual_seed(1)  # the same non-zero B in every variant
 
     def nonzero_b(name, t):
@@ -183,9 +239,9 @@ def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mo
 
 
 def our_step(model, args, batch, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,
-             memory_budget: float | None = None):
+             memory_budget: float | None = None, quantize: str = ""):
     params, objective = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce, mode=mode,
-                                memory_budget=memory_budget)
+                                memory_budget=memory_budget, quantize=quantize)
     opt_cfg = adamw.AdamWConfig(lr=args.lr, impl="auto")
     state = init_train_state(params, opt_cfg, seed=0)
     step_fn = make_train_step(objective, opt_cfg, ScheduleConfig(kind="constant"))
@@ -280,6 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", default="", help="variant to profile (top kernels by CUDA time)")
     p.add_argument("--trace", default="", help="write a gzipped Chrome trace (CPU+CUDA, 2 steps) of --profile's variant here")
     p.add_argument("--json", default="", help="write the results here")
+    p.add_argument("--keep-going", action="store_true", help="record a failing variant and go on to the next")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -293,7 +350,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     cfg = LlamaConfig(**SHAPES[args.shape], attn_implementation="sdpa", max_position_embeddings=max(args.seq, 2048))
     torch.manual_seed(0)
-    state = {k: v.to(dtype) for k, v in LlamaForCausalLM(cfg).state_dict().items()}  # one random model, kept on the CPU
+    with torch.device(device):  # initialised on the device (a 7B model's init on the CPU takes minutes)
+        init_model = LlamaForCausalLM(cfg)
+    state = {k: v.to("cpu", dtype) for k, v in init_model.state_dict().items()}  # one random model, kept on the CPU
+    del init_model
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
     batch = {"input_ids": ids.to(device), "labels": ids.to(device)}
@@ -310,32 +370,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     peft_kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=list(TARGETS))
     rows = []
+    scratch = tempfile.TemporaryDirectory(prefix="lora_step_")
     for variant in variants:
+        try:
+            row = run_variant(variant, cfg, state, args, batch, device, dtype, peft_kwargs, Path(scratch.name), tokens,
+                              fpt, ceiling)
+        except Exception as e:  # one variant failing (a kernel missing, OOM) must not lose the others
+            if not args.keep_going:
+                raise
+            print(f"  {variant:18s} FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+            row = Row(variant, float("nan"), float("nan"), float("nan"), float("nan"), float("nan"), -1,
+                      error=f"{type(e).__name__}: {e}"[:500])
+        rows.append(row)
         gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
         torch._dynamo.reset()
-        model = build_model(cfg, state, device, dtype)
-        if variant.startswith("peft"):
-            model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant.startswith("peft-bf16"), lr=args.lr,
-                                    compile_=variant == "peft-bf16-compiled")
-        else:
-            step = our_step(model, args, batch, compile_=not variant.startswith("ours-eager"),
-                            checkpoint={"ours-ac": 1, "ours-ac2": 2}.get(variant, 0), full_ce=variant == "ours-eager-fullce",
-                            mode="max-autotune-no-cudagraphs" if variant == "ours-autotune" else None,
-                            # ours-mbNN: the partitioner keeps NN% of the activations it would save
-                            memory_budget=int(variant[7:]) / 100 if variant.startswith("ours-mb") else None)
-        times = time_steps(step, device, warmup=args.warmup, repeats=args.repeats, block=args.block)
-        syncs = count_host_syncs(step, device)
-        loss = float(step().detach())
-        ms = statistics.median(times)
-        tps = tokens / (ms * 1e-3)
-        rows.append(Row(variant, ms, tps, tps * fpt / ceiling, peak_gib(device), loss, syncs))
-        print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {rows[-1].mfu:.3f}  peak {rows[-1].peak_gib:6.1f} GiB  loss {loss:.3f}  syncs {syncs}", flush=True)
-        if args.profile == variant and device.type == "cuda":
-            profile_step(step, trace=args.trace)
-        del model, step
+    scratch.cleanup()
 
     by = {r.variant: r for r in rows}
     ref = by.get("peft-bf16")
@@ -349,6 +398,45 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
+
+
+def run_variant(variant, cfg, state, args, batch, device, dtype, peft_kwargs, scratch: Path, tokens, fpt, ceiling) -> Row:
+    """Build `variant` fresh, time it, and return its row (peak memory from after the build)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    if variant.startswith("peft-qlora"):
+        model, step = peft_qlora_step(hf_dir(cfg, state, scratch), peft_kwargs, batch, device, dtype, lr=args.lr,
+                                      gradient_checkpointing=variant == "peft-qlora")
+    else:
+        model = build_model(cfg, state, device, dtype)
+        if variant.startswith("peft"):
+            model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant.startswith("peft-bf16"), lr=args.lr,
+                                    compile_=variant == "peft-bf16-compiled")
+        else:
+            step = our_step(model, args, batch, compile_=not variant.startswith("ours-eager") and variant != "ours-nf4-eager",
+                            checkpoint={"ours-ac": 1, "ours-ac2": 2, "ours-nf4-ac": 1}.get(variant, 0),
+                            full_ce=variant == "ours-eager-fullce",
+                            mode="max-autotune-no-cudagraphs" if variant == "ours-autotune" else None,
+                            # ours-mbNN: the partitioner keeps NN% of the activations it would save
+                            memory_budget=int(variant[7:]) / 100 if variant.startswith("ours-mb") else None,
+                            quantize="nf4" if variant.startswith("ours-nf4") else "")
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(step, device, warmup=args.warmup, repeats=args.repeats, block=args.block)
+    syncs = count_host_syncs(step, device)
+    loss = float(step().detach())
+    ms = statistics.median(times)
+    tps = tokens / (ms * 1e-3)
+    row = Row(variant, ms, tps, tps * fpt / ceiling, peak_gib(device), loss, syncs)
+    print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {row.mfu:.3f}  peak {row.peak_gib:6.1f} GiB  loss {loss:.3f}  syncs {syncs}", flush=True)
+    if args.profile == variant and device.type == "cuda":
+        profile_step(step, trace=args.trace)
+    del model, step
+    return row
 
 
 def profile_step(step, n: int = 3, trace: str = "") -> None:

@@ -8,6 +8,7 @@ sequential: trunk once; per head: forward on the detached trunk output, chunked 
             hidden states (no logits held), backward into the head's adapter and the trunk
             cotangent; then one trunk backward (`objectives.detached`).
 ntp:        the plain Llama (trunk + head 0 = the same layers), chunked CE.
+naive-nf4, sequential-nf4: the same over the NF4 (QLoRA) base: `prepare(..., quantize="nf4")`.
 Each variant: a fresh random-weight bf16 base, LoRA on all 7 linears of trunk and heads, fused
 AdamW on the fp32 masters; median ms/step over blocks timed with CUDA events after warm-up;
 peak memory from the allocator. Targets (issue): peak memory at H = 4 <= 1.2x NTP's; tokens/s
@@ -29,11 +30,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from wmtp_fn.adapters import AdapterSpec, apply, install_slots  # noqa: E402
+from wmtp_fn.adapters import AdapterSpec, apply  # noqa: E402
 from wmtp_fn.adapters import init as init_adapter  # noqa: E402
 from wmtp_fn.losses.cross_entropy import linear_cross_entropy  # noqa: E402
-from wmtp_fn.models.base import freeze  # noqa: E402
+from wmtp_fn.models.base import Base, freeze  # noqa: E402
 from wmtp_fn.models.mtp import MTPLlama, mtp_config  # noqa: E402
+from wmtp_fn.models.prepare import prepare  # noqa: E402
 from wmtp_fn.objectives.detached import backward_through_detached  # noqa: E402
 
 SHAPES = {
@@ -97,8 +99,8 @@ def sequential_loss(model, adapter, spec, ids, labels, chunk):
 def measure(variant, shape, n_future, batch, seq, device, dtype, chunk, warmup, repeats, rank):
     torch.cuda.empty_cache() if device.type == "cuda" else None
     model = build(shape, n_future, device, dtype)
-    install_slots(model)
-    adapter, spec = init_adapter(model, AdapterSpec(rank=rank, alpha=2 * rank), seed=0, device=device)
+    base = prepare(Base.of(model, "mtp"), quantize="nf4" if variant.endswith("-nf4") else "")  # slots (over NF4)
+    adapter, spec = init_adapter(base, AdapterSpec(rank=rank, alpha=2 * rank), seed=0, device=device)
     leaves = [t.requires_grad_() for t in adapter.values(include_nested=True, leaves_only=True)]
     opt = torch.optim.AdamW(leaves, lr=1e-4, fused=device.type == "cuda")
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -107,7 +109,7 @@ def measure(variant, shape, n_future, batch, seq, device, dtype, chunk, warmup, 
     labels[:, : seq // 8] = -100  # a prompt
 
     def step():
-        if variant == "naive":
+        if variant.startswith("naive"):
             loss = naive_loss(model, adapter, spec, ids, labels)
         else:
             loss = sequential_loss(model, adapter, spec, ids, labels, chunk)
@@ -154,6 +156,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=8)
     p.add_argument("--variants", nargs="+", default=["naive", "sequential"])
     p.add_argument("--json", default=None)
+    p.add_argument("--keep-going", action="store_true", help="record any failing variant (not only OOM) and go on")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -161,17 +164,20 @@ def main(argv=None):
     rows = []
     for h in a.heads:
         for v in a.variants:
-            if v == "naive" and h == 1:
+            if v.startswith("naive") and h == 1:
                 continue  # H = 1 naive is the full-logits NTP step; the NTP row is sequential H = 1
             try:
                 r = measure(v, shape, h, a.batch, a.seq, device, dtype, a.chunk, a.warmup, a.repeats, a.rank)
-            except torch.OutOfMemoryError:
-                r = {"variant": v, "n_future": h, "ms": float("nan"), "tokens_per_s": float("nan"), "peak_gib": float("inf"), "loss": float("nan")}
+            except Exception as e:  # OOM, or a kernel missing: recorded, and the other variants still run
+                if not isinstance(e, torch.OutOfMemoryError) and not a.keep_going:
+                    raise
+                r = {"variant": v, "n_future": h, "ms": float("nan"), "tokens_per_s": float("nan"), "peak_gib": float("inf"),
+                     "loss": float("nan"), "error": f"{type(e).__name__}: {e}"[:500]}
                 gc.collect()
                 torch.cuda.empty_cache()
             rows.append(r)
             print(json.dumps(r), flush=True)
-    ntp = next(r for r in rows if r["variant"] == "sequential" and r["n_future"] == 1) if 1 in a.heads else None
+    ntp = next((r for r in rows if r["variant"] == "sequential" and r["n_future"] == 1), None)
     trunk = shape["num_hidden_layers"] - 1
     print(f"\n{a.shape}, batch {a.batch} x {a.seq}, r={a.rank}, {device}")
     print("| H | variant | ms/step | tokens/s | peak GiB | tok/s vs target | peak vs NTP |")
@@ -185,6 +191,7 @@ def main(argv=None):
         print(f"| {r['n_future']} | {r['variant']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | {tgt} | {mem} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=2))
+    return rows
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def init(
         flat[f"{path}.lora_A"] = a
         flat[f"{path}.lora_B"] = torch.zeros(slot.out_features, spec.rank)
         if spec.use_dora:
-            flat[f"{path}.lora_magnitude"] = torch.linalg.vector_norm(slot.weight.detach().float().cpu(), dim=1)
+            flat[f"{path}.lora_magnitude"] = torch.linalg.vector_norm(slot.dense_weight().detach().float().cpu(), dim=1)
     device = device if device is not None else _device_of(model)
     return from_flat(flat).to(device), spec
 
@@ -192,12 +192,12 @@ def apply(
 
     `adapter` is rooted at `module`: for a `LlamaForCausalLM` base, bind the whole adapter to
     the base, or `adapter["model"]` to `base.model` to get hidden states. Compute runs in
-    `dtype` (default: the dtype of the module's slot weights, bf16 for a bf16 base).
+    `dtype` (default: the slots' `compute_dtype`, the weights' dtype: bf16 for a bf16 base).
     """
     slots = slot_paths(module)
     if not slots:
         raise ValueError(f"{type(module).__name__} has no LoRA slots; call install_slots first")
-    binding = bind(adapter, spec, dtype=dtype or next(iter(slots.values())).weight.dtype, train=train)
+    binding = bind(adapter, spec, dtype=dtype or next(iter(slots.values())).compute_dtype, train=train)
     check_bindable(module, binding, slots)
     return torch.func.functional_call(module, binding, args, kwargs, strict=False)
 
@@ -216,7 +216,7 @@ def bound(
                 logits = base(ids).logits
     """
     slots = empty_slots(module)
-    binding = bind(adapter, spec, dtype=dtype or next(iter(slots.values())).weight.dtype, train=train)
+    binding = bind(adapter, spec, dtype=dtype or next(iter(slots.values())).compute_dtype, train=train)
     check_bindable(module, binding, slots)
     with filled(slots, binding):
         yield

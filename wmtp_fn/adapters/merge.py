@@ -20,6 +20,7 @@ from tensordict import TensorDict
 from torch import nn
 
 from wmtp_fn.adapters.lora import to_flat
+from wmtp_fn.adapters.nf4 import quantized_slots
 from wmtp_fn.adapters.slots import empty_slots
 from wmtp_fn.adapters.spec import AdapterSpec
 
@@ -84,12 +85,26 @@ def export_merged(
     """Write a plain HuggingFace model directory with the adapter merged (loadable by
     `from_pretrained` without this package). Slots add no state-dict keys, so the layout is the
     base's own."""
+    refuse_quantized(base, "export_merged")
     out_dir = Path(out_dir)
     state = {k: v.detach() for k, v in base.state_dict().items()}
     base.save_pretrained(out_dir, state_dict=merge(state, adapter, spec), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def refuse_quantized(module: nn.Module, what: str) -> None:
+    """Merging needs the full-precision weights: refused on a quantised (QLoRA) base, with what
+    to do instead. (Merging into the dequantised NF4 weights would bake the 4-bit error into a
+    full-size model that is neither the original base nor smaller.)"""
+    paths = quantized_slots(module)
+    if paths:
+        raise ValueError(
+            f"{what}: the base is NF4-quantised ({len(paths)} slots, e.g. {paths[0]!r}); merge into the "
+            "full-precision base instead (load base.path without base.quantize: the adapter's base fingerprint "
+            "matches it), or bind the adapter unmerged (adapters.bound)"
+        )
 
 
 def _weight(state: Mapping[str, torch.Tensor], path: str) -> torch.Tensor:
@@ -107,6 +122,7 @@ def merged_into(module: nn.Module, adapter: TensorDict, spec: AdapterSpec) -> It
     back on exit (also on an exception); the base's own tensors are never written. No grad;
     slots must be empty. Costs one copy of the target weights while it lasts.
     """
+    refuse_quantized(module, "merged_into")
     slots = empty_slots(module)
     paths = list(delta_weights(adapter, spec))
     missing = next((p for p in paths if p not in slots), None)

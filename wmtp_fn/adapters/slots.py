@@ -9,7 +9,7 @@ them for one call. Unbound, a slot computes exactly `F.linear(x, weight, bias)`,
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -35,12 +35,27 @@ class LoRASlot(nn.Module):
         for name in SLOT_TENSORS:
             self.register_buffer(name, None, persistent=False)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype adapters bind in by default (the weight's)."""
+        return self.weight.dtype
+
+    def base_output(self, x: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """The frozen linear alone: `x Wᵀ (+ b)`. Quantised slots (`adapters.nf4`) override it."""
+        return F.linear(x, self.weight, self.bias if bias else None)
+
+    def dense_weight(self) -> torch.Tensor:
+        """W [out, in] as a dense tensor (DoRA's norm); quantised slots dequantise."""
+        return self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_output(x)
         if self.lora_A is None:
             return y
+        weight = None if self.lora_magnitude is None else self.dense_weight()  # only DoRA reads it
         return y + lora_delta(
-            x, y, self.weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout
+            x, y, weight, self.bias, self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout,
+            base_linear=lambda h: self.base_output(h, bias=False),
         )
 
     def extra_repr(self) -> str:
@@ -50,12 +65,13 @@ class LoRASlot(nn.Module):
 def lora_delta(
     x: torch.Tensor,
     y: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     lora_A: torch.Tensor,
     lora_B: torch.Tensor,
     magnitude: torch.Tensor | None = None,
     dropout: torch.Tensor | None = None,
+    base_linear: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """What a bound slot adds to the base output `y = x Wᵀ + b`.
 
@@ -63,7 +79,8 @@ def lora_delta(
     multiplied by the scaling s, magnitude: [out] (DoRA), dropout: 0-dim drop probability.
     LoRA: `drop(x) Aᵀ Bᵀ`. DoRA (PEFT's math, the norm detached as in the paper §4.3):
     `(m/‖W + BA‖_row − 1) · base + m/‖W + BA‖_row · drop(x) Aᵀ Bᵀ`, where `base` is the
-    bias-free base output on the (dropped-out) input.
+    bias-free base output on the (dropped-out) input, `base_linear(h)` (default `F.linear(h,
+    weight)`; a quantised slot passes its own, which never holds the dense weight for backward).
     """
     h = x
     if dropout is not None:
@@ -81,7 +98,7 @@ def lora_delta(
     if dropout is None:
         base = y if bias is None else y - bias
     else:
-        base = F.linear(h, weight)
+        base = F.linear(h, weight) if base_linear is None else base_linear(h)
     return (scale - 1) * base + scale * delta
 
 

@@ -25,6 +25,7 @@ from tensordict import TensorDict
 
 from wmtp_fn import checkpoint
 from wmtp_fn.adapters import AdapterSpec, export_peft
+from wmtp_fn.adapters.nf4 import check_quant_type
 from wmtp_fn.adapters.seeds_io import save_hf_lora
 from wmtp_fn.atomic import atomic_dir, atomic_write_text
 from wmtp_fn.config import flat_config
@@ -239,6 +240,7 @@ def open_session(
             f"train.batch_size={config.train.batch_size} is not a multiple of "
             f"train.micro_batch_size={config.train.micro_batch_size}"
         )
+    quantize = check_quant_type(config.base.get("quantize", ""))
     if config.base.path:
         check_base_dir(config.base.path, key="base.path")
     tokenizer = load_tokenizer(config.data, config.base.path)
@@ -256,8 +258,9 @@ def open_session(
     vocab = base.module.config.vocab_size
     if len(tokenizer) > vocab:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base at {path} has vocab_size {vocab}")
-    prepare(base, targets=tuple(config.lora.targets), activation_checkpointing=config.base.activation_checkpointing,
-            compile=config.base.compile, memory_budget=config.base.activation_memory_budget)
+    base = prepare(base, targets=tuple(config.lora.targets), activation_checkpointing=config.base.activation_checkpointing,
+                   compile=config.base.compile, memory_budget=config.base.activation_memory_budget,
+                   quantize=quantize)
     return Session(config, out_dir, device, dtype, tokenizer, stream, base, resume_from, train_set, val_set)
 
 
