@@ -196,6 +196,7 @@ def peft_qlora_step(path: Path, cfg_kwargs: dict, batch, device: torch.device, d
                                              attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     pm = get_peft_model(model, LoraConfig(**cfg_kwargs))
+    pm.train()  # what Trainer does: transformers checkpoints layers only in training mode
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda)
 
