@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+from torch import nn
+
 from wmtp_fn.adapters.slots import install_slots
+from wmtp_fn.dist.shard import check_mode, fsdp_shard
 from wmtp_fn.models.base import Base
-from wmtp_fn.models.layers import checkpoint_layers, compile_layers
+from wmtp_fn.models.layers import checkpoint_layers, compile_layers, decoder_layers
 
 
 def prepare(
@@ -26,14 +30,38 @@ def prepare(
     compile: bool = False,
     memory_budget: float | None = None,
     dynamic: bool = True,
+    shard: str | None = None,
+    reshard_after_forward: bool = True,
 ) -> Base:
     """Install LoRA slots on `targets`, then the per-layer execution options, in place; returns
     the same record. `dynamic=True` compiles for dynamic shapes up front (real batches vary in
-    length) instead of recompiling per shape until Dynamo's limit."""
+    length) instead of recompiling per shape until Dynamo's limit.
+
+    shard: None (one process, or a caller that shards nothing), `"full"` (FSDP2 over the
+    default process group, `shard_units`) or `"replicate"` (every rank keeps the whole base)."""
     install_slots(base.module, targets)
     if activation_checkpointing:
         checkpoint_layers(base.module, every=checkpoint_every)
     if compile:
         compile_layers(base.module, fullgraph=True, dynamic=dynamic, memory_budget=memory_budget)
-    # FSDP2: `dist.fsdp.shard(base)` goes here, after everything that reads full weights.
+    if shard is not None and check_mode(shard) == "full":
+        module = base.module
+        device = next(module.parameters()).device
+        fsdp_shard(module, shard_units(module), device=device, ignored=replicated_params(module),
+                   reshard_after_forward=reshard_after_forward)
     return base
+
+
+def shard_units(module: nn.Module) -> list[nn.Module]:
+    """The FSDP2 units of a Llama or MTP base, in forward order: the embedding, every decoder
+    layer (the trunk, head 0, the MTP extra heads), the final norm — each a module the forward
+    pieces (`models.llama`) call, so its hooks run."""
+    inner = getattr(module, "model", module)
+    return [inner.embed_tokens, *decoder_layers(module), inner.norm]
+
+
+def replicated_params(module: nn.Module) -> list[torch.nn.Parameter]:
+    """What stays out of the sharding: the unembedding weight, which the chunked cross-entropy
+    reads directly, outside any forward (none for a bare `LlamaModel`)."""
+    head = getattr(module, "lm_head", None)
+    return [] if head is None else [head.weight]
