@@ -3,6 +3,7 @@ gradients and params (the checks are in `workers.objectives_match`)."""
 
 from __future__ import annotations
 
+import json
 import socket
 
 import torch.multiprocessing as mp
@@ -16,5 +17,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sharded_objectives_equal_one_process(tiny_dir):
-    mp.spawn(objectives_match, args=(2, free_port(), str(tiny_dir)), nprocs=2, join=True)
+CHECKS = {"ntp", "ntp, replicate", "ntp, 3 steps", "mtp", "rho1", "verifiable", "verifiable, 4 steps"}
+
+
+def test_sharded_objectives_equal_one_process(tiny_dir, tmp_path):
+    mp.spawn(objectives_match, args=(2, free_port(), str(tiny_dir), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):  # every check ran on both ranks, within 1e-5 of one process (fp32)
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert set(report) == CHECKS and max(report.values()) <= 1e-5, report

@@ -10,7 +10,9 @@ leave identical params on every rank, equal to the single-process run's.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -66,11 +68,18 @@ def ntp_batches(step: int, n: int = 4) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+REPORT: dict[str, float] = {}  # check -> the largest relative error seen, written for the test
+
+
 def check_same(got, ref, what: str) -> None:
-    assert abs(float(got.loss) - float(ref.loss)) <= TOL * abs(float(ref.loss)), (what, float(got.loss), float(ref.loss))
+    loss_err = abs(float(got.loss) - float(ref.loss)) / abs(float(ref.loss))
+    assert loss_err <= TOL, (what, float(got.loss), float(ref.loss))
     assert torch.equal(got.counts, ref.counts), what
+    errs = [loss_err]
     for (key, g), (_, r) in zip(got.grads.items(True, True), ref.grads.items(True, True)):
-        assert r.abs().sum() > 0 and rel_err(g, r) <= TOL, (what, key, rel_err(g, r))
+        errs.append(rel_err(g, r))
+        assert r.abs().sum() > 0 and errs[-1] <= TOL, (what, key, errs[-1])
+    REPORT[what] = max(errs)
 
 
 def leaves(td: TensorDict) -> list[torch.Tensor]:
@@ -85,7 +94,8 @@ def train(objective, params, extra, steps, comm=None):
     return state
 
 
-def objectives_match(rank: int, world: int, port: int, tiny_dir: str) -> None:
+def objectives_match(rank: int, world: int, port: int, tiny_dir: str, out_dir: str) -> None:
+    """The checks of the module docstring; writes `out_dir/rank<r>.json` (`REPORT`) when all pass."""
     comm = init_group(rank, world, port)
     mine = lambda mbs: shard(mbs, rank, world)  # noqa: E731
 
@@ -120,8 +130,8 @@ def objectives_match(rank: int, world: int, port: int, tiny_dir: str) -> None:
     one = train(ref_obj, params, TensorDict(), steps)
     many = train(ntp_objective(sh.module, spec, chunk_size=8), params, TensorDict(), [mine(s) for s in steps], comm)
     check_replicated(leaves(many.params), comm)
-    for a, b in zip(leaves(many.params), leaves(one.params)):
-        assert rel_err(a, b) <= TOL
+    REPORT["ntp, 3 steps"] = max(rel_err(a, b) for a, b in zip(leaves(many.params), leaves(one.params)))
+    assert REPORT["ntp, 3 steps"] <= TOL
     assert not torch.equal(leaves(many.params)[0], leaves(params)[0])  # the steps did move them
 
     # MTP, sequential heads (each head its own backward through the sharded head layer).
@@ -169,8 +179,9 @@ def objectives_match(rank: int, world: int, port: int, tiny_dir: str) -> None:
     one = train(ref_obj, vparams, initial_extra(), batches)
     many = train(sh_obj, vparams, initial_extra(), [mine(b) for b in batches], comm)
     check_replicated(leaves(many.params) + leaves(many.extra), comm, what="params and whitening statistics")
-    for a, b in zip(leaves(many.params) + leaves(many.extra), leaves(one.params) + leaves(one.extra)):
-        assert rel_err(a.double(), b.double()) <= TOL
+    REPORT["verifiable, 4 steps"] = max(rel_err(a.double(), b.double()) for a, b in
+                                        zip(leaves(many.params) + leaves(many.extra), leaves(one.params) + leaves(one.extra)))
+    assert REPORT["verifiable, 4 steps"] <= TOL
     assert int(many.extra["whitening", "updates"]) == len(batches)
 
     # A rank that drifts is caught.
@@ -185,3 +196,4 @@ def objectives_match(rank: int, world: int, port: int, tiny_dir: str) -> None:
     else:
         raise AssertionError("a one-ulp difference on rank 1 went unnoticed")
     dist.destroy_process_group()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(REPORT))
