@@ -258,14 +258,16 @@ def open_session(
         stream = replace(stream, next_batch=sharded_stream(stream.next_batch, comm.rank, comm.world_size))
     resume_from = resume_point(config)  # every rank: the same answer (or the same error)
     out_dir = Path(config.out_dir)
+
+    def base_path():  # the embedded base is written on the first call
+        return config.base.path or embedded_base_dir(out_dir, tokenizer, hidden_size=config.base.tiny_hidden_size,
+                                                     layers=config.base.tiny_layers)
+
     if comm.rank == 0:
         out_dir, resume_from = start_run(config)
-    embedded = lambda: embedded_base_dir(out_dir, tokenizer, hidden_size=config.base.tiny_hidden_size,  # noqa: E731
-                                         layers=config.base.tiny_layers)
-    if not config.base.path and comm.rank == 0:
-        embedded()
+        base_path()
     barrier(comm, device)  # the run directory (and the embedded base) exist for every rank
-    path = config.base.path or embedded()
+    path = base_path()
     base = open_base(path, dtype=dtype, device=device)
     if to_base is not None:
         base = to_base(base)
