@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed
@@ -49,16 +49,15 @@ LOCAL = LocalComm()
 
 @dataclass(frozen=True)
 class GroupComm:
-    """One rank of an initialised `torch.distributed` process group: `sum_` is an all-reduce
-    (SUM) over `group` (None: the default group). Works on any backend the tensors suit:
-    gloo with CPU tensors, NCCL with CUDA ones."""
+    """One rank of the initialised default `torch.distributed` process group: `sum_` is an
+    all-reduce (SUM). Works on any backend the tensors suit: gloo with CPU tensors, NCCL with
+    CUDA ones."""
 
     rank: int
     world_size: int
-    group: Any = None
 
     def sum_(self, tensor: Tensor) -> Tensor:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=self.group)
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
         return tensor
 
 
@@ -78,12 +77,24 @@ def process_comm(device: torch.device) -> tuple[Comm, torch.device]:
     if not launched():
         return LOCAL, device
     dist = torch.distributed
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    device = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend_for(device), device_id=device if cuda else None)
     return GroupComm(dist.get_rank(), dist.get_world_size()), device
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """The device of the rank with `local_rank` on its host: `cuda:<local_rank>` for any CUDA
+    `device` (one GPU per rank), else `device` itself."""
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend for tensors on `device`: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def shutdown() -> None:
