@@ -21,7 +21,9 @@ from tensordict import TensorDict
 from tests.adapters.helpers import randomize, rel_err
 from tests.objectives.test_mtp_objective import micro_batches, mtp_base, params_for
 from tests.objectives.test_verifiable_objective import steps_batches
-from wmtp_fn.adapters import AdapterSpec, init, install_slots
+from safetensors.torch import load_file
+
+from wmtp_fn.adapters import AdapterSpec, export_merged, init, install_slots
 from wmtp_fn.dist.comm import GroupComm, check_replicated, tensor_hash
 from wmtp_fn.dist.sampler import shard
 from wmtp_fn.dist.shard import is_sharded
@@ -120,6 +122,13 @@ def objectives_match(rank: int, world: int, port: int, tiny_dir: str, out_dir: s
     for _ in range(2):  # a second step on the same sharded module: the hooks reset between steps
         got = accumulate_grads(ntp_objective(sh.module, spec, chunk_size=8), params, TensorDict(), mine(mbs), comm=comm)
         check_same(got, ref, "ntp")
+    # A merged export of the sharded base (every rank gathers, transformers writes on rank 0)
+    # is the unsharded base's.
+    dirs = [export_merged(m, params["lora"], spec, Path(out_dir) / name)
+            for m, name in ((sh.module, "sharded"), (ref_llama, "plain"))]
+    dist.barrier()
+    merged = [load_file(d / "model.safetensors") for d in dirs]
+    assert merged[0].keys() == merged[1].keys() and all(torch.equal(merged[0][k], merged[1][k]) for k in merged[1])
     rep = sharded(load_base(tiny_dir), "causal_lm", mode="replicate")
     assert not is_sharded(rep.module.model.layers[0].self_attn.q_proj.weight)
     got = accumulate_grads(ntp_objective(rep.module, spec, chunk_size=8), params, TensorDict(), mine(mbs), comm=comm)

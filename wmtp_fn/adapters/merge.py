@@ -84,7 +84,8 @@ def export_merged(
 ) -> Path:
     """Write a plain HuggingFace model directory with the adapter merged (loadable by
     `from_pretrained` without this package). Slots add no state-dict keys, so the layout is the
-    base's own. A sharded base's weights are all-gathered first (call it on every rank)."""
+    base's own. A sharded base's weights are all-gathered first: under torchrun call it on every rank
+    (transformers writes from rank 0)."""
     out_dir = Path(out_dir)
     state = {k: full_tensor(v.detach()) for k, v in base.state_dict().items()}
     base.save_pretrained(out_dir, state_dict=merge(state, adapter, spec), safe_serialization=True)
