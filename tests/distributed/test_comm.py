@@ -91,6 +91,9 @@ def test_check_replicated_passes_equal_params_and_names_the_rank_that_differs():
         with pytest.raises(RuntimeError) as got:
             run_ranks(lambda comm, t: check_replicated([t], comm, what="weights"), tensors)
         assert str(got.value) == MESSAGE.format(what="weights", ranks=want)
+    with pytest.raises(RuntimeError) as got:
+        run_ranks(lambda comm, t: check_replicated([t], comm), [(same,), (other,)])
+    assert str(got.value) == MESSAGE.format(what="params", ranks=[1])
     check_replicated([other], LOCAL)  # one rank: nothing to compare
 
 
