@@ -17,7 +17,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-CHECKS = {"ntp", "ntp, replicate", "ntp, 3 steps", "mtp", "rho1", "verifiable", "verifiable, 4 steps"}
+CHECKS = {"ntp", "ntp, replicate", "ntp, 3 steps", "mtp", "mtp, checkpointed", "rho1", "verifiable", "verifiable, 4 steps"}
 
 
 def test_sharded_objectives_equal_one_process(tiny_dir, tmp_path):

@@ -3,7 +3,7 @@
 `objectives_match` builds, on every rank, an unsharded reference base and an FSDP2-sharded
 copy of the same base, and checks that the sharded step on this rank's share of the
 micro-batches, reduced through the process-group Comm, gives the single-process loss and
-gradients on the whole batch — for the NTP, MTP (sequential heads), Rho-1 (step-wide
+gradients on the whole batch — for the NTP, MTP (sequential heads, also checkpointed), Rho-1 (step-wide
 selection) and verifiable (running whitening statistics) objectives — and that several steps
 leave identical params on every rank, equal to the single-process run's.
 """
@@ -152,6 +152,9 @@ def objectives_match(rank: int, world: int, port: int, tiny_dir: str, out_dir: s
     ref = accumulate_grads(mtp_objective(ref_mtp, pspec, chunk_size=8), policy, TensorDict(), mbs)
     got = accumulate_grads(mtp_objective(sh_mtp.module, pspec, chunk_size=8), policy, TensorDict(), mine(mbs), comm=comm)
     check_same(got, ref, "mtp")
+    sh_ac = sharded(mtp_base(tiny_dir, 3, checkpointing=True), "mtp")  # recomputed layers re-gather in backward
+    got = accumulate_grads(mtp_objective(sh_ac.module, pspec, chunk_size=8), policy, TensorDict(), mine(mbs), comm=comm)
+    check_same(got, ref, "mtp, checkpointed")
 
     # Rho-1 with the step-wide selection (a global k-th excess over both ranks' tokens).
     ref_adapter, ref_spec = init(ref_llama, AdapterSpec(rank=2, alpha=4.0), seed=1)
