@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import socket
@@ -33,10 +34,22 @@ import torch
 from tensordict import TensorDict
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # lora_step.py, next to this file
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout without installing
 
-from lora_step import SHAPES, TARGETS, build_model, peak_gib, sync, time_steps  # noqa: E402
+
+def _sibling(name: str):
+    """A bench script next to this one, loaded by path (the bench directory never joins sys.path,
+    where its `generate.py` would shadow other modules)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+_lora_step = _sibling("lora_step")
+SHAPES, TARGETS = _lora_step.SHAPES, _lora_step.TARGETS
+build_model, peak_gib, sync, time_steps = _lora_step.build_model, _lora_step.peak_gib, _lora_step.sync, _lora_step.time_steps
 
 from wmtp_fn.adapters import AdapterSpec  # noqa: E402
 from wmtp_fn.adapters import init as init_adapter  # noqa: E402
