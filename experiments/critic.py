@@ -105,6 +105,11 @@ def get_config() -> ConfigDict:
     c.train.keep = 3  # newest checkpoints kept
     c.train.resume = "auto"  # "auto": continue from out_dir's latest checkpoint if any | "never"
 
+    c.dist = ConfigDict()  # under torchrun (docs/distributed.md); ignored by a plain `python -m wmtp_fn`
+    c.dist.shard = "full"  # "full": FSDP2 shards the frozen base over the ranks; "replicate": every rank holds it all
+    c.dist.reshard_after_forward = True  # free a layer's gathered weights after its forward (gather again in backward)
+    c.dist.check_every = 50  # steps between checks that every rank holds identical trainable params (0 = never)
+
     c.export = ConfigDict()
     c.export.hf_lora = True  # also write the seeds' critic file (adapter.hf_lora.pt with value_head_state_dict)
     c.export.peft = False  # the critic adapter as a PEFT directory, without the head (ignored on an MTP base)

@@ -107,6 +107,11 @@ def get_config() -> ConfigDict:
     c.train.keep = 3  # newest checkpoints kept
     c.train.resume = "auto"  # "auto": continue from out_dir's latest checkpoint if any | "never"
 
+    c.dist = ConfigDict()  # under torchrun (docs/distributed.md); ignored by a plain `python -m wmtp_fn`
+    c.dist.shard = "full"  # "full": FSDP2 shards the frozen base over the ranks; "replicate": every rank holds it all
+    c.dist.reshard_after_forward = True  # free a layer's gathered weights after its forward (gather again in backward)
+    c.dist.check_every = 50  # steps between checks that every rank holds identical trainable params (0 = never)
+
     c.export = ConfigDict()
     c.export.hf_lora = True  # also write the seeds' policy file (adapter.seeds_lora.pt; Meta key names)
     c.export.peft = False  # PEFT directories are for causal-LM bases (ignored on an MTP base)

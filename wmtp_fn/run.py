@@ -3,6 +3,7 @@
     python -m wmtp_fn --help                                     usage and the experiments
     python -m wmtp_fn --config experiments/ref_tuning.py --help  an experiment's keys
     python -m wmtp_fn --config experiments/ref_tuning.py --config.train.steps=100
+    torchrun --nproc_per_node=2 -m wmtp_fn --config experiments/ref_tuning.py   one process per rank
 
 Expected errors (a bad flag, config, data file, base or checkpoint) print one line,
 `error: ...`, and exit with 2 (usage) or 1 (run); `--debug` or `WMTP_DEBUG=1` shows the
@@ -163,7 +164,12 @@ def _main(args: Args) -> int:
         print(f"{_shown(path)}: {experiments().get(path.stem, (None, ''))[1]}\n\nkeys (override with --config.KEY=VALUE):")
         print(describe(path, config))
         return 0
-    run_config(config)
+    try:
+        run_config(config)
+    finally:
+        from wmtp_fn.dist.comm import shutdown
+
+        shutdown()  # under torchrun: leave the process group cleanly
     return 0
 
 

@@ -339,6 +339,17 @@ def test_prepare_quantises_every_layer_linear_and_keeps_the_full_precision_finge
         fingerprint(module)
 
 
+def test_an_nf4_base_is_not_fsdp_sharded_but_may_be_replicated():
+    from wmtp_fn.errors import ConfigError
+
+    module = build_base(tiny_llama_config(vocab_size=128), seed=0)
+    with pytest.raises(ConfigError, match=r"base.quantize='nf4' cannot be combined with dist.shard='full'"):
+        prepare(Base.of(module, "causal_lm"), quantize="nf4", shard="full")
+    assert not quantized_slots(module)  # refused before anything was changed
+    prepare(Base.of(module, "causal_lm"), quantize="nf4", shard="replicate")
+    assert len(quantized_slots(module)) == 2 * 7
+
+
 def test_prepare_without_quantize_leaves_the_base_dense():
     module = build_base(tiny_llama_config(vocab_size=128), seed=0)
     base = Base.of(module, "causal_lm")

@@ -22,6 +22,7 @@ from torch import nn
 
 from wmtp_fn.adapters.slots import SLOT_TENSORS, LoRASlot, empty_slots, filled, slot_paths
 from wmtp_fn.adapters.spec import AdapterSpec
+from wmtp_fn.dist.shard import full_tensor
 from wmtp_fn.fingerprint import check_same_base, fingerprint
 
 LEAVES = ("lora_A", "lora_B", "lora_magnitude")
@@ -93,7 +94,7 @@ def init(
         flat[f"{path}.lora_A"] = a
         flat[f"{path}.lora_B"] = torch.zeros(slot.out_features, spec.rank)
         if spec.use_dora:
-            flat[f"{path}.lora_magnitude"] = torch.linalg.vector_norm(slot.dense_weight().detach().float().cpu(), dim=1)
+            flat[f"{path}.lora_magnitude"] = torch.linalg.vector_norm(full_tensor(slot.dense_weight().detach()).float().cpu(), dim=1)
     device = device if device is not None else _device_of(model)
     return from_flat(flat).to(device), spec
 

@@ -23,6 +23,7 @@ from wmtp_fn.adapters.lora import to_flat
 from wmtp_fn.adapters.nf4 import quantized_slots
 from wmtp_fn.adapters.slots import empty_slots
 from wmtp_fn.adapters.spec import AdapterSpec
+from wmtp_fn.dist.shard import full_tensor
 
 
 def delta_weights(adapter: TensorDict, spec: AdapterSpec) -> dict[str, torch.Tensor]:
@@ -84,10 +85,11 @@ def export_merged(
 ) -> Path:
     """Write a plain HuggingFace model directory with the adapter merged (loadable by
     `from_pretrained` without this package). Slots add no state-dict keys, so the layout is the
-    base's own."""
+    base's own. A sharded base's weights are all-gathered first: under torchrun call it on every rank
+    (transformers writes from rank 0)."""
     refuse_quantized(base, "export_merged")
     out_dir = Path(out_dir)
-    state = {k: v.detach() for k, v in base.state_dict().items()}
+    state = {k: full_tensor(v.detach()) for k, v in base.state_dict().items()}
     base.save_pretrained(out_dir, state_dict=merge(state, adapter, spec), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)

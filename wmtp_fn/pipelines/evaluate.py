@@ -13,6 +13,7 @@ Every adapter gets the same problems, prompts and seed, so the comparison is pai
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from ml_collections import ConfigDict
 
 from wmtp_fn.atomic import atomic_write_text
 from wmtp_fn.config import flat_config
+from wmtp_fn.dist.comm import launched
 from wmtp_fn.errors import ConfigError
 from wmtp_fn.eval.prompts import Problem, check_prompt_format, load_humaneval, load_record_problems, stops_for
 from wmtp_fn.eval.report import EvalSettings, build_report, pass_counts, write_report, write_samples, write_verdicts
@@ -189,6 +191,9 @@ def run(config: ConfigDict) -> EvalResult:
     from wmtp_fn.eval.generate import Sampling, generate_samples, next_token_model
     from wmtp_fn.eval.prompts import prompt_for
 
+    if launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ConfigError("the evaluate pipeline runs in one process (every rank would write the same report); "
+                          "start it with python -m wmtp_fn, not torchrun")
     ev = config.eval
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ from wmtp_fn.config import flat_config
 from wmtp_fn.data.embedded import embedded_tokenizer_path
 from wmtp_fn.data.sampling import Cursor
 from wmtp_fn.data.stream import RecordSet, batch_stream, encoded_batches, record_sets, to_device
+from wmtp_fn.dist.comm import LOCAL, Comm, barrier, launched, process_comm, replicas_checked
+from wmtp_fn.dist.sampler import check_even, sharded_stream
 from wmtp_fn.errors import CheckpointError, ConfigError
 from wmtp_fn.fingerprint import check_same_base
 from wmtp_fn.models.base import Base, check_base_dir, embedded_base_dir, open_base
@@ -39,7 +41,7 @@ from wmtp_fn.models.prepare import prepare
 from wmtp_fn.objectives import Objective
 from wmtp_fn.train import adamw
 from wmtp_fn.train.evaluate import evaluate
-from wmtp_fn.train.loop import LoopConfig, MetricsLog, fit
+from wmtp_fn.train.loop import LoopConfig, MetricsLog, NullLog, fit
 from wmtp_fn.schedule import ScheduleConfig
 from wmtp_fn.train.state import init_train_state
 from wmtp_fn.train.step import make_train_step
@@ -49,7 +51,7 @@ from wmtp_fn.train.step import make_train_step
 # `schedule_horizon`; the check is separate). out_dir: a run directory may be moved.
 RESUMABLE_CHANGES = (
     "out_dir", "train.steps", "schedule.total_steps", "train.resume", "train.log_every", "train.eval_every",
-    "train.save_every", "train.keep",
+    "train.save_every", "train.keep", "dist.shard", "dist.reshard_after_forward", "dist.check_every",
 )
 
 
@@ -219,6 +221,7 @@ class Session:
     resume_from: Path | None
     train_set: RecordSet | None = None
     val_set: RecordSet | None = None
+    comm: Comm = LOCAL  # the process group (`dist.comm`); rank 0 alone writes
 
     @property
     def val_batches(self) -> list[Any]:
@@ -230,10 +233,14 @@ def open_session(
 ) -> Session:
     """Validate the inputs, then write the run directory, load the base (the embedded tiny Llama
     when `base.path` is empty), let `to_base` reshape it (e.g. a Llama turned into an MTP base),
-    and prepare it (slots, checkpointing, compile) for `lora.targets`. `data` replaces the
-    record stream with the pipeline's own; it runs before anything is written, so its errors
-    leave no run directory behind."""
-    device = resolve_device(config.device)
+    and prepare it (slots, checkpointing, compile, and under torchrun the `dist.shard`
+    sharding) for `lora.targets`. `data` replaces the record stream with the pipeline's own; it
+    runs before anything is written, so its errors leave no run directory behind.
+
+    Under torchrun every rank validates and reads the same inputs, rank 0 alone writes the run
+    directory (the others wait for it), and each rank's stream keeps its share of every step's
+    micro-batches (`dist.sampler`)."""
+    comm, device = process_comm(resolve_device(config.device))
     dtype = resolve_dtype(config.dtype, device)
     if config.train.batch_size % config.train.micro_batch_size:
         raise ConfigError(
@@ -248,10 +255,21 @@ def open_session(
         stream, train_set, val_set = record_stream(config, tokenizer, device)
     else:
         stream, train_set, val_set = data(config, tokenizer, device), None, None
-    out_dir, resume_from = start_run(config)
+    if comm.world_size > 1:
+        check_even(stream.n_train, config.train.batch_size, config.train.micro_batch_size, comm.world_size)
+        stream = replace(stream, next_batch=sharded_stream(stream.next_batch, comm.rank, comm.world_size))
+    resume_from = resume_point(config)  # every rank: the same answer (or the same error)
+    out_dir = Path(config.out_dir)
 
-    path = config.base.path or embedded_base_dir(out_dir, tokenizer, hidden_size=config.base.tiny_hidden_size,
-                                                 layers=config.base.tiny_layers)
+    def base_path():  # the embedded base is written on the first call
+        return config.base.path or embedded_base_dir(out_dir, tokenizer, hidden_size=config.base.tiny_hidden_size,
+                                                     layers=config.base.tiny_layers)
+
+    if comm.rank == 0:
+        out_dir, resume_from = start_run(config)
+        base_path()
+    barrier(comm, device)  # the run directory (and the embedded base) exist for every rank
+    path = base_path()
     base = open_base(path, dtype=dtype, device=device)
     if to_base is not None:
         base = to_base(base)
@@ -260,8 +278,9 @@ def open_session(
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the base at {path} has vocab_size {vocab}")
     base = prepare(base, targets=tuple(config.lora.targets), activation_checkpointing=config.base.activation_checkpointing,
                    compile=config.base.compile, memory_budget=config.base.activation_memory_budget,
-                   quantize=quantize)
-    return Session(config, out_dir, device, dtype, tokenizer, stream, base, resume_from, train_set, val_set)
+                   quantize=quantize, shard=config.dist.shard if launched() else None,
+                   reshard_after_forward=config.dist.reshard_after_forward)
+    return Session(config, out_dir, device, dtype, tokenizer, stream, base, resume_from, train_set, val_set, comm)
 
 
 # ----------------------------------------------------------------------------- recipe
@@ -304,7 +323,9 @@ class Result:
 
 def run_recipe(session: Session, recipe: Recipe) -> Result:
     """Resume or start, train to `train.steps`, export, and print one summary line."""
-    config, out_dir, device = session.config, session.out_dir, session.device
+    config, out_dir, device, comm = session.config, session.out_dir, session.device, session.comm
+    lead = comm.rank == 0  # the one rank that prints, logs, saves and exports
+    say = print if lead else (lambda *a, **k: None)
     total_steps = config.train.steps
     horizon = schedule_horizon(flat_config(config))
     opt_cfg, sched_cfg = optimizer_configs(config.optim, config.schedule, horizon, recipe.lr_multipliers)
@@ -318,22 +339,25 @@ def run_recipe(session: Session, recipe: Recipe) -> Result:
                 check_same_base(saved[name].base_fingerprint, spec.base_fingerprint, what=f"checkpoint {session.resume_from}")
         if state.step >= total_steps:
             metrics = meta.get("metrics", {})
-            if not _exports_current(out_dir, config, recipe, state.step):  # the run died after its last checkpoint
+            if lead and not _exports_current(out_dir, config, recipe, state.step):  # the run died after its last checkpoint
                 _export(session, recipe, state, cursor, metrics)
-            print(f"{out_dir} is already complete ({state.step}/{total_steps} steps; adapter in {out_dir / 'adapter'}); "
+            barrier(comm, device)
+            say(f"{out_dir} is already complete ({state.step}/{total_steps} steps; adapter in {out_dir / 'adapter'}); "
                   f"to train further, raise --config.train.steps (and keep --config.schedule.total_steps={horizon})")
             last = metrics.get("val_loss")
             return Result(out_dir, out_dir / "adapter", float("nan"), float("nan") if last is None else last, state.step)
-        print(f"resuming {out_dir} from {session.resume_from.name} (step {state.step})")
+        say(f"resuming {out_dir} from {session.resume_from.name} (step {state.step})")
     else:
         state = init_train_state(recipe.params, opt_cfg, seed=config.seed, extra=recipe.extra)
         cursor = Cursor(seed=config.seed)
 
-    step_fn = make_train_step(recipe.train, opt_cfg, sched_cfg, nonfinite=config.train.nonfinite)
+    step_fn = make_train_step(recipe.train, opt_cfg, sched_cfg, comm=comm, nonfinite=config.train.nonfinite)
+    step_fn = replicas_checked(step_fn, comm, config.dist.check_every)
     flat = flat_config(config)
 
     def save(st, cur, info):
-        checkpoint.save_run(out_dir / "checkpoints", st, cur, specs=recipe.specs, config=flat, info=info, keep=config.train.keep)
+        if lead:
+            checkpoint.save_run(out_dir / "checkpoints", st, cur, specs=recipe.specs, config=flat, info=info, keep=config.train.keep)
 
     def validate(st) -> dict[str, float]:
         got = evaluate(recipe.eval, st.params, st.extra, session.stream.val_batches)
@@ -341,24 +365,25 @@ def run_recipe(session: Session, recipe: Recipe) -> Result:
         return {"val_loss": got.pop("loss"), **{f"val_{k}": v for k, v in {**got, **more}.items() if k != "n_tokens"}}
 
     module = session.base.module
-    print(
+    say(
         f"{recipe.name}: base {session.base.path} ({sum(p.numel() for p in module.parameters()):,} frozen params, "
         f"{session.dtype}, {device}); trainable {', '.join(recipe.specs)} "
         f"({sum(t.numel() for t in state.params.values(True, True)):,} params); "
-        f"{session.stream.summary}"
+        f"{session.stream.summary}" + (f"; {comm.world_size} ranks" if comm.world_size > 1 else "")
     )
     state, cursor, hist = fit(
         state, cursor, step_fn=step_fn, next_batch=session.stream.next_batch, evaluate=validate, save=save,
         cfg=LoopConfig(total_steps=total_steps, log_every=config.train.log_every,
                        eval_every=config.train.eval_every, save_every=config.train.save_every),
-        log=MetricsLog(out_dir / "metrics.jsonl"), desc=recipe.name,
+        log=MetricsLog(out_dir / "metrics.jsonl") if lead else NullLog(), desc=recipe.name, quiet=not lead,
     )
     final = {"val_loss": hist.val_loss[-1][1] if hist.val_loss else None,
              "train_loss": hist.train_loss[-1][1] if hist.train_loss else None}
-    adapter_dir = _export(session, recipe, state, cursor, final)
+    adapter_dir = _export(session, recipe, state, cursor, final) if lead else out_dir / "adapter"
+    barrier(comm, device)  # every rank returns once the exports exist
     first = hist.val_loss[0][1] if hist.val_loss else float("nan")
     last = final["val_loss"] if final["val_loss"] is not None else float("nan")
-    print(
+    say(
         f"{recipe.name} done: step {state.step}/{total_steps}, val_loss {first:.4f} -> {last:.4f}, "
         f"{hist.tokens:,} tokens in {hist.seconds:.1f}s{f' since step {hist.start_step}' if hist.start_step else ''} "
         f"({hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s), {hist.skipped} skipped steps; adapter -> {adapter_dir}"

@@ -93,6 +93,20 @@ class MetricsLog:
         return kept
 
 
+
+class NullLog(MetricsLog):
+    """A metrics log that keeps nothing: what the ranks of a distributed run other than 0
+    write to (rank 0 owns `metrics.jsonl`)."""
+
+    def __init__(self):
+        self.path = None
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def rewind(self, step: int) -> list[dict[str, Any]]:
+        return []
+
 @dataclass
 class StopRequest:
     """Set by the first stop signal; the loop reads it between steps."""
@@ -134,6 +148,7 @@ def fit(
     cfg: LoopConfig,
     log: MetricsLog,
     desc: str = "train",
+    quiet: bool = False,
 ) -> tuple[Any, Any, History]:
     """Run `step_fn` from `state.step` to `cfg.total_steps`.
 
@@ -142,17 +157,18 @@ def fit(
     the step) stops the run after `cfg.max_consecutive_skips`;
     save(state, cursor, info) writes a checkpoint. The metrics log is first rewound to
     `state.step` (a resumed run logs no row twice). On a stop signal (see `stop_on_signals`)
-    the finished step is saved and `Interrupted` raised.
+    the finished step is saved and `Interrupted` raised. `quiet`: no progress bar and no
+    validation lines (the ranks of a distributed run other than 0).
     """
     hist = _history(log.rewind(state.step), start_step=state.step)
     pending: list[Mapping[str, torch.Tensor]] = []  # metrics of the steps since the last row
     saved_step = None  # no second save of a step already on disk
     t_start = t_log = time.perf_counter()
-    bar = tqdm(total=cfg.total_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(total=cfg.total_steps, initial=state.step, desc=desc, dynamic_ncols=True, mininterval=1.0, disable=quiet)
     try:
         with stop_on_signals() as stop:
             if evaluate is not None and state.step == 0:
-                _evaluate(evaluate, state, log, hist)
+                _evaluate(evaluate, state, log, hist, quiet)
             while state.step < cfg.total_steps:
                 if stop.signum is not None:
                     if pending:  # log the steps since the last row, so none is lost
@@ -179,7 +195,7 @@ def fit(
                     t_log = now
                 last = step == cfg.total_steps
                 if evaluate is not None and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    _evaluate(evaluate, state, log, hist)
+                    _evaluate(evaluate, state, log, hist, quiet)
                 if last or (cfg.save_every and step % cfg.save_every == 0):
                     save(state, cursor, _info(hist))
                     saved_step = step
@@ -257,12 +273,13 @@ def _history(rows: Sequence[Mapping[str, Any]], *, start_step: int) -> History:
     return hist
 
 
-def _evaluate(evaluate, state, log: MetricsLog, hist: History) -> None:
+def _evaluate(evaluate, state, log: MetricsLog, hist: History, quiet: bool = False) -> None:
     metrics = dict(evaluate(state))
     log.write({"step": state.step, **metrics})
     if "val_loss" in metrics:
         hist.val_loss.append((state.step, metrics["val_loss"]))
-        tqdm.write(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        if not quiet:
+            tqdm.write(f"step {state.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
 
 def _info(hist: History) -> dict[str, Any]:
