@@ -12,12 +12,15 @@ from wmtp_fn.losses.weighting import (
     control_weights,
     init_whitening,
     lognormal_weights,
+    moments,
     random_weights,
     shuffle_weights,
+    td_errors,
     update_whitening,
     validation_td_weights,
     weight_stats,
     weight_sums,
+    whitening_sums,
 )
 
 
@@ -129,3 +132,21 @@ def test_shuffle_scope_messages():
         control_weights("shuffled", w, mask, shuffle_scope="attended")
     with pytest.raises(ConfigError, match=r"^td\.shuffle_scope must be 'response' or 'attended', got 'prompt'$"):
         control_weights("shuffled", w, mask, shuffle_scope="prompt")
+
+
+def test_td_errors_names_gamma_in_its_message():
+    with pytest.raises(ConfigError, match=r"^td\.gamma must be in \[0, 1\], got 1\.5$"):
+        td_errors(torch.zeros(1, 2), gamma=1.5)
+
+
+def test_whitening_sums_square_in_float64():
+    """4097² = 16 785 409 is not an fp32 number (above 2²⁴, odd): Σx² = 33 570 818 exactly only
+    if the squares are taken in float64 (fp32 can only give a multiple of 4 there)."""
+    got = whitening_sums(torch.tensor([[4097.0, 4097.0]]), torch.ones(1, 2))
+    assert got.tolist() == [8194.0, 33570818.0, 2.0]
+
+
+def test_unbiased_moments_of_two_values_by_hand():
+    # x = (1, 3): Σ = 4, Σx² = 10, μ = 2, unbiased var = (10 − 2·2²)/(2 − 1) = 2
+    mean, std = moments(torch.tensor([4.0, 10.0, 2.0], dtype=torch.float64), unbiased=True)
+    assert mean.item() == 2.0 and std.item() == pytest.approx(math.sqrt(2.0), abs=1e-15)
