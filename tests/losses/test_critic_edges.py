@@ -8,12 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from wmtp_fn.errors import ConfigError
 from wmtp_fn.losses.critic import (
     auc,
     critic_metric_sums,
     critic_metrics,
     lambda_return_loss,
     lambda_return_sequence_losses,
+    lambda_returns,
     pairwise_loss,
     pairwise_losses,
     sequence_value_stats,
@@ -114,3 +116,20 @@ def test_auc_of_many_positives_counts_every_pair():
     s = np.sort(pos)
     wins = sum(len(s) - np.searchsorted(s, x, side="right") + 0.5 * (np.searchsorted(s, x, side="right") - np.searchsorted(s, x, side="left")) for x in neg)
     assert auc(scores, labels).item() == pytest.approx(wins / (5801 * 7), abs=1e-13)
+
+
+def test_lambda_return_argument_messages():
+    v, m = torch.zeros(1, 2), torch.ones(1, 2)
+    for kw, name in ((dict(lam=1.5), "lam"), (dict(lam=1.0, gamma=1.5), "gamma")):
+        with pytest.raises(ConfigError, match=rf"^critic\.{name} must be in \[0, 1\], got 1\.5$"):
+            lambda_returns(v, m, 1.0, **kw)
+    with pytest.raises(ConfigError, match=r"^critic\.smooth_l1 delta must be > 0, got 0\.0$"):
+        lambda_return_sequence_losses(v, m, 1.0, lam=1.0, loss="smooth_l1", delta=0.0)
+    with pytest.raises(ConfigError, match=r"^critic\.value_loss must be 'mse' or 'smooth_l1', got 'huber'$"):
+        lambda_return_sequence_losses(v, m, 1.0, lam=1.0, loss="huber")
+
+
+def test_a_one_token_sequence_is_valid_and_not_halved():
+    # the one response token is the last: G = R = 1, loss (0.9 − 1)² = 0.01
+    loss, valid = lambda_return_sequence_losses(torch.tensor([[0.3, 0.9]]), torch.tensor([[0, 1]]), 1.0, lam=0.5)
+    assert loss.item() == pytest.approx(0.01, abs=1e-7) and valid.tolist() == [True]
