@@ -9,12 +9,17 @@ import torch
 
 from wmtp_fn.errors import ConfigError
 from wmtp_fn.losses.weighting import (
+    clip_weights,
     control_weights,
+    gae,
     init_whitening,
     lognormal_weights,
     moments,
     random_weights,
+    raw_weights,
+    reverse_discounted_cumsum,
     shuffle_weights,
+    td_advantages,
     td_errors,
     update_whitening,
     validation_td_weights,
@@ -150,3 +155,37 @@ def test_unbiased_moments_of_two_values_by_hand():
     # x = (1, 3): Σ = 4, Σx² = 10, μ = 2, unbiased var = (10 − 2·2²)/(2 − 1) = 2
     mean, std = moments(torch.tensor([4.0, 10.0, 2.0], dtype=torch.float64), unbiased=True)
     assert mean.item() == 2.0 and std.item() == pytest.approx(math.sqrt(2.0), abs=1e-15)
+
+
+def test_td_errors_gae_and_advantages_defaults_by_hand():
+    """v = (0.2, 0.7), both tokens scored. Defaults γ = 1, v₋₁ = 0.5: δ = (0.2 − 0.5, 0.7 − 0.2)
+    = (−0.3, 0.5); GAE with λ = 0.95: A₁ = 0.5, A₀ = −0.3 + 0.95 · 0.5 = 0.175. At λ = γ = 1 the
+    default is the recursion (A₀ = 0.2), not the Monte-Carlo rule R − v = (0.8, 0.3)."""
+    v, m = torch.tensor([[0.2, 0.7]], dtype=torch.float64), torch.ones(1, 2)
+    torch.testing.assert_close(td_errors(v), torch.tensor([[-0.3, 0.5]], dtype=torch.float64))
+    torch.testing.assert_close(gae(torch.tensor([[-0.3, 0.5]], dtype=torch.float64), m),
+                               torch.tensor([[0.175, 0.5]], dtype=torch.float64))
+    torch.testing.assert_close(td_advantages(v, m), torch.tensor([[0.175, 0.5]], dtype=torch.float64))
+    torch.testing.assert_close(td_advantages(v, m, lam=1.0), torch.tensor([[0.2, 0.5]], dtype=torch.float64))
+
+
+def test_gae_and_advantages_messages():
+    good, short = torch.zeros(1, 2), torch.ones(1, 3)
+    with pytest.raises(ValueError, match=r"^gae expects \[B, T\] tensors of one shape, got \{'delta': \(1, 2\), 'mask': \(1, 3\)\}$"):
+        gae(good, short)
+    with pytest.raises(ValueError, match=r"^td_advantages expects \[B, T\] tensors of one shape, "
+                                         r"got \{'values': \(1, 2\), 'mask': \(1, 3\)\}$"):
+        td_advantages(good, short)
+    with pytest.raises(ConfigError, match=r"^td\.gamma must be in \[0, 1\], got 1\.5$"):
+        gae(good, torch.ones(1, 2), gamma=1.5)
+    with pytest.raises(ConfigError, match=r"^td\.lam must be in \[0, 1\], got -0\.1$"):
+        gae(good, torch.ones(1, 2), lam=-0.1)
+    with pytest.raises(ConfigError, match=r"^discount must be in \[0, 1\], got 1\.5$"):
+        reverse_discounted_cumsum(good, 1.5)
+
+
+def test_raw_and_clipped_weights_defaults():
+    # β = 1: exp((1 − 0)/(1 + 1e-8)) = e; clip to [0.1, 3]
+    assert raw_weights(torch.tensor([[1.0]]), 0.0, 1.0).item() == pytest.approx(math.e, rel=1e-6)
+    got = clip_weights(torch.tensor([[0.05, 1.0, 5.0]]), torch.ones(1, 3))
+    assert got.tolist() == [[pytest.approx(0.1), 1.0, 3.0]]
