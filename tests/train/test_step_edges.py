@@ -33,3 +33,30 @@ def test_prepare_must_keep_one_micro_batch_per_input_and_return_a_pair():
     objective = with_prepare(lambda params, extra, mbs, comm: [extra, mbs])
     with pytest.raises(TypeError, match=r"^objective\.prepare must return \(extra: TensorDict, micro_batches\)$"):
         run_prepare(objective, init_params(), init_extra(), [make_batch(1)], LOCAL)
+
+
+def test_a_nonfinite_loss_and_grad_norm_are_both_named():
+    from tests.train.test_train_step import SCHED, poisoned
+    from wmtp_fn.train import adamw
+    from wmtp_fn.train.state import init_train_state
+    from wmtp_fn.train.step import make_train_step
+
+    cfg = adamw.AdamWConfig(lr=1e-2)
+    bad = make_batch(2, seed=9)
+    bad["poison"] = torch.tensor(float("nan"))
+    step = make_train_step(poisoned, cfg, SCHED, nonfinite="raise")
+    with pytest.raises(FloatingPointError, match=r"^train step 0: non-finite loss and grad norm \(loss=nan, grad_norm=nan\); "
+                                                 r"the update was skipped$"):
+        step(init_train_state(init_params(), cfg, seed=0), [bad])
+
+
+def test_the_steps_own_metrics_are_fp32():
+    from tests.train.test_train_step import SCHED
+    from wmtp_fn.train import adamw
+    from wmtp_fn.train.state import init_train_state
+    from wmtp_fn.train.step import make_train_step
+
+    cfg = adamw.AdamWConfig(lr=1e-2)
+    _, metrics = make_train_step(make_objective(), cfg, SCHED)(init_train_state(init_params(), cfg, seed=0), [make_batch(2)])
+    assert {k: metrics[k].dtype for k in ("loss", "grad_norm", "lr", "n_tokens", "skipped")} == dict.fromkeys(
+        ("loss", "grad_norm", "lr", "n_tokens", "skipped"), torch.float32)
