@@ -31,3 +31,24 @@ def test_a_field_absent_from_the_metadata_is_named():
     with pytest.raises(KeyError) as err:
         unflatten_state(tensors, {k: v for k, v in meta.items() if k != "step"})
     assert err.value.args[0] == "unflatten_state: the metadata has no TrainState field 'step'"
+
+
+def test_init_train_state_refuses_bad_seeds_and_extras_by_name():
+    from tests.train.test_train_state import CFG
+    from tests.train.train_toy_lm import init_params
+    from wmtp_fn.train.state import init_train_state
+
+    for bad in (-1, 0.5, True):
+        with pytest.raises(ValueError, match=rf"^seed must be an int >= 0, got {re.escape(repr(bad))}$"):
+            init_train_state(init_params(), CFG, seed=bad)
+    with pytest.raises(TypeError, match=r"^extra must be a TensorDict, got dict$"):
+        init_train_state(init_params(), CFG, seed=0, extra={})
+
+
+def test_flatten_state_refuses_a_field_of_another_type():
+    from dataclasses import replace
+
+    for value, kind in (("3", "str"), (True, "bool")):
+        with pytest.raises(TypeError, match=rf"^flatten_state: field 'step' holds a {kind}; "
+                                            r"expected a TensorDict, a tensor or an int$"):
+            flatten_state(replace(fresh(), step=value))
