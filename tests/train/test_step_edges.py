@@ -60,3 +60,38 @@ def test_the_steps_own_metrics_are_fp32():
     _, metrics = make_train_step(make_objective(), cfg, SCHED)(init_train_state(init_params(), cfg, seed=0), [make_batch(2)])
     assert {k: metrics[k].dtype for k in ("loss", "grad_norm", "lr", "n_tokens", "skipped")} == dict.fromkeys(
         ("loss", "grad_norm", "lr", "n_tokens", "skipped"), torch.float32)
+
+
+def test_params_of_two_dtypes_take_the_per_leaf_path_with_the_same_gradients():
+    """A float64 leaf the loss never reads makes the leaves disagree in dtype: the gradients are
+    then tracked leaf by leaf, equal those of the one-flat-leaf path, and the unread leaf gets
+    float64 zeros."""
+    from wmtp_fn.train.step import accumulate_grads
+
+    params, objective = init_params(), make_objective()
+    mbs = [make_batch(2, seed=3), make_batch(1, seed=4)]
+    flat = accumulate_grads(objective, params, init_extra(), mbs)
+    mixed = params.clone()
+    mixed.set(("unused", "w"), torch.ones(3, dtype=torch.float64))
+    leafwise = accumulate_grads(objective, mixed, init_extra(), mbs)
+    assert torch.equal(leafwise.grads["unused", "w"], torch.zeros(3, dtype=torch.float64))
+    for key, g in flat.grads.items(include_nested=True, leaves_only=True):
+        assert g.abs().sum() > 0, key
+        torch.testing.assert_close(leafwise.grads[key], g, rtol=1e-6, atol=1e-7)
+    assert leafwise.loss.item() == flat.loss.item()
+
+
+def test_a_loss_that_reaches_no_parameter_gives_zero_gradients():
+    from wmtp_fn.train.step import accumulate_grads
+
+    base = make_objective()
+
+    def constant(params, extra, batch, scale):
+        return torch.zeros(()), torch.zeros(1), {}
+
+    objective = type(base)(count=base.count, loss=constant)
+    acc = accumulate_grads(objective, init_params(), init_extra(), [make_batch(2)])
+    for key, g in acc.grads.items(include_nested=True, leaves_only=True):
+        assert torch.equal(g, torch.zeros_like(g)), key
+    with pytest.raises(ValueError, match=r"^accumulate_grads: no micro-batches$"):
+        accumulate_grads(objective, init_params(), init_extra(), [])
