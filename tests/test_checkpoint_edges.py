@@ -24,3 +24,30 @@ def test_other_meta_values_are_refused_by_type(tmp_path):
             write_checkpoint(tmp_path / "c", {}, {"x": value})
     assert not (tmp_path / "c").exists()  # nothing half-written
 
+
+
+def test_specs_from_meta_reads_value_heads_and_the_untagged_adapters_of_older_checkpoints():
+    from wmtp_fn.adapters.spec import AdapterSpec
+    from wmtp_fn.checkpoint import specs_from_meta, subtree_meta
+    from wmtp_fn.models.value_head import ValueHeadSpec
+
+    lora, head = AdapterSpec(rank=4, alpha=8.0), ValueHeadSpec(kind="mlp", d=16, dropout=0.1, bias_init=0.5)
+    meta = json.loads(json.dumps(subtree_meta({"policy": lora, "value_head": head})))
+    assert meta["subtrees"]["value_head"]["kind"] == "value_head"
+    assert specs_from_meta(meta) == {"policy": lora, "value_head": head}
+    assert specs_from_meta({"adapters": {"lora": lora.to_dict()}}) == {"lora": lora}
+    assert specs_from_meta({}) == {}
+
+
+def test_unknown_subtree_kinds_and_missing_params_are_named_with_the_path(tmp_path):
+    from wmtp_fn.checkpoint import load_params
+    from wmtp_fn.errors import CheckpointError
+
+    bad = {"subtrees": {"x": {"kind": "mlp", "spec": {}}}}
+    write_checkpoint(tmp_path / "p", {"params": {"a": torch.zeros(1)}}, bad)
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'p'}: subtree 'x' has kind 'mlp'; "
+                                              r"expected one of \['lora', 'value_head'\]$"):
+        load_params(tmp_path / "p")
+    write_checkpoint(tmp_path / "s", {"state": {"a": torch.zeros(1)}}, {})
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 's'}: checkpoint has no params\.safetensors$"):
+        load_params(tmp_path / "s")
