@@ -51,3 +51,10 @@ def test_unknown_subtree_kinds_and_missing_params_are_named_with_the_path(tmp_pa
     write_checkpoint(tmp_path / "s", {"state": {"a": torch.zeros(1)}}, {})
     with pytest.raises(CheckpointError, match=rf"^{tmp_path / 's'}: checkpoint has no params\.safetensors$"):
         load_params(tmp_path / "s")
+
+
+def test_a_spec_of_no_known_kind_is_refused_by_type():
+    from wmtp_fn.checkpoint import subtree_meta
+
+    with pytest.raises(TypeError, match=r"^no checkpoint kind for a dict spec$"):
+        subtree_meta({"x": {"rank": 4}})
