@@ -1,0 +1,46 @@
+"""adapters.lora at its edges (surviving mutants): a base record validated without its
+fingerprint, the no-slots messages, decoder-block paths and the layer index of an MTP base's
+extra heads."""
+
+import pytest
+import torch
+from torch import nn
+
+from wmtp_fn.adapters import AdapterSpec, apply, bound, init, install_slots, validate
+from wmtp_fn.adapters.lora import _block_of, _layer_index
+from wmtp_fn.models.base import Base, load_base
+
+
+def test_a_base_record_is_validated_without_its_fingerprint(tiny_dir):
+    module = load_base(tiny_dir, dtype=torch.float32)
+    install_slots(module)
+    record = Base.of(module, "causal_lm")
+    adapter, spec = init(record, AdapterSpec(rank=2, targets=("q_proj",)))
+    validate(adapter, spec.replace(base_fingerprint=None), record, check_base=False)  # no fingerprint needed
+    with pytest.raises(ValueError, match=r"^adapter is missing 1 key\(s\)"):
+        validate(adapter.exclude(("model", "layers", "0", "self_attn", "q_proj", "lora_A")), spec, record, check_base=False)
+
+
+def test_a_model_without_slots_is_named(plain, base, batch):
+    adapter, spec = init(base, AdapterSpec(rank=2))
+    with pytest.raises(ValueError, match=r"^LlamaForCausalLM has no LoRA slots; call install_slots first$"):
+        apply(plain, adapter, spec, **batch)
+    with pytest.raises(ValueError, match=r"^LlamaForCausalLM has no LoRA slots; call install_slots first$"):
+        with bound(plain, adapter, spec):
+            pass
+
+
+def test_block_of_a_path():
+    assert _block_of("model.layers.3.self_attn.q_proj") == "model.layers.3"
+    assert _block_of("extra_heads.0.mlp.up_proj") == "extra_heads.0"
+    assert _block_of("lm_head") is None and _block_of("model.norm") is None
+
+
+def test_extra_heads_come_after_the_trunk_whatever_the_module_order():
+    """Extra heads registered before the trunk: still indexed n, n+1, … after the n trunk blocks."""
+    m = nn.Module()
+    m.extra_heads = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)) for _ in range(2)])
+    m.model = nn.Module()
+    m.model.layers = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)) for _ in range(3)])
+    assert _layer_index(m) == {"model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 2,
+                               "extra_heads.0": 3, "extra_heads.1": 4}
