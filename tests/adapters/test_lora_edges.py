@@ -44,3 +44,15 @@ def test_extra_heads_come_after_the_trunk_whatever_the_module_order():
     m.model.layers = nn.ModuleList([nn.Sequential(nn.Linear(2, 2)) for _ in range(3)])
     assert _layer_index(m) == {"model.layers.0": 0, "model.layers.1": 1, "model.layers.2": 2,
                                "extra_heads.0": 3, "extra_heads.1": 4}
+
+
+def test_check_bindable_finds_the_slots_itself_and_names_a_stray_key(base):
+    from wmtp_fn.adapters.lora import check_bindable
+
+    t = torch.zeros(1)
+    check_bindable(base, {"model.layers.0.self_attn.q_proj.lora_A": t})  # slots looked up when not given
+    with pytest.raises(KeyError, match=r"adapter key 'model\.nope\.lora_A' does not name a LoRA slot of LlamaForCausalLM "
+                                       r"\(\d+ slots installed, e\.g\. 'model\.layers\.0\.self_attn\.q_proj'\)"):
+        check_bindable(base, {"model.nope.lora_A": t})
+    with pytest.raises(KeyError, match=r"\(0 slots installed, e\.g\. None\)"):
+        check_bindable(base, {"model.nope.lora_A": t}, {})
