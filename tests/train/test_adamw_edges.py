@@ -19,3 +19,46 @@ def test_conflicting_multipliers_name_the_leaf_and_both_values():
     with pytest.raises(ValueError, match=r"^leaf 'lora\.model\.layers\.0\.q_proj\.lora_B' matches lr_multipliers "
                                          r"with different values \[2\.0, 16\.0\]$"):
         adamw.init(make_params(), cfg)
+
+
+@pytest.mark.parametrize("impl, used", [("fused", "_fused_adamw_"), ("foreach", "_foreach_adamw_")])
+def test_impl_selects_its_kernel(monkeypatch, impl, used):
+    """Both kernels compute AdamW (their results agree), so only a spy tells which one ran."""
+    from tests.train.test_train_adamw import grad_tree
+
+    calls = []
+    for name in ("_fused_adamw_", "_foreach_adamw_"):
+        real = getattr(adamw, name)
+        monkeypatch.setattr(adamw, name, lambda *a, _real=real, _name=name, **kw: (calls.append(_name), _real(*a, **kw))[1])
+    cfg = adamw.AdamWConfig(lr=1e-2, impl=impl)
+    params = make_params()
+    adamw.update(grad_tree(params, 0), adamw.init(params, cfg), params, lr=1e-2, cfg=cfg)
+    assert calls and set(calls) == {used}
+
+
+def test_a_0_1_float_skip_flag_skips():
+    import torch
+
+    from tests.train.test_train_adamw import grad_tree
+
+    cfg = adamw.AdamWConfig(lr=1e-2)
+    params = make_params()
+    before = params.apply(lambda t: t.clone())
+    _, _, stats = adamw.update(grad_tree(params, 0), adamw.init(params, cfg), params, lr=1e-2, cfg=cfg,
+                               skip=torch.tensor(1.0))
+    assert stats["skipped"].item() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before.values(True, True), params.values(True, True)))
+
+
+def test_update_names_bad_state_keys_and_drifted_moment_trees():
+    from tests.train.test_train_adamw import grad_tree
+
+    cfg = adamw.AdamWConfig(lr=1e-2)
+    params = make_params()
+    state = adamw.init(params, cfg)
+    with pytest.raises(KeyError, match=r"AdamW\.update: state has keys \['count', 'mu'\], expected \['mu', 'nu', 'count'\]"):
+        adamw.update(grad_tree(params, 0), state.exclude("nu"), params, lr=1e-2, cfg=cfg)
+    drifted = state.clone()
+    drifted["mu"] = drifted["mu"].exclude(("value_head", "bias"))
+    with pytest.raises(KeyError, match=r"AdamW\.update: state\['mu'\] and params differ in leaves \['value_head\.bias'\]"):
+        adamw.update(grad_tree(params, 0), drifted, params, lr=1e-2, cfg=cfg)
