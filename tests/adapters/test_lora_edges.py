@@ -56,3 +56,29 @@ def test_check_bindable_finds_the_slots_itself_and_names_a_stray_key(base):
         check_bindable(base, {"model.nope.lora_A": t})
     with pytest.raises(KeyError, match=r"\(0 slots installed, e\.g\. None\)"):
         check_bindable(base, {"model.nope.lora_A": t}, {})
+
+
+def test_bind_binds_a_dropout_only_when_training_with_a_positive_rate(base):
+    from wmtp_fn.adapters import bind
+
+    adapter, spec = init(base, AdapterSpec(rank=2, targets=("q_proj",), dropout=0.25))
+    assert not [k for k in bind(adapter, spec, dtype=torch.float32) if k.endswith("lora_dropout")]  # default: eval
+    trained = bind(adapter, spec, dtype=torch.float32, train=True)
+    drops = {k: v for k, v in trained.items() if k.endswith("lora_dropout")}
+    assert len(drops) == len([k for k in trained if k.endswith("lora_A")]) > 0
+    assert all(v.dtype == torch.float32 and v.shape == () and v.item() == 0.25 for v in drops.values())
+    zero = bind(adapter, spec.replace(dropout=0.0), dtype=torch.float32, train=True)
+    assert not [k for k in zero if k.endswith("lora_dropout")]  # p = 0 binds nothing (no RNG draw per call)
+
+
+def test_bind_refuses_a_whole_pytree_with_its_message(base):
+    from tensordict import TensorDict
+
+    from wmtp_fn.adapters import bind
+
+    adapter, spec = init(base, AdapterSpec(rank=2, targets=("q_proj",)))
+    tree = TensorDict({"lora": adapter, "value_head": {"weight": torch.zeros(1, 4)}}, batch_size=[])
+    with pytest.raises(KeyError, match=r"adapter key 'value_head\.weight': leaf 'weight' is not a LoRA tensor "
+                                       r"\(expected one of \('lora_A', 'lora_B', 'lora_magnitude'\)\); "
+                                       r"bind one adapter \(e\.g\. params\['lora'\]\), not the whole trainable pytree"):
+        bind(tree, spec, dtype=torch.float32)
