@@ -62,3 +62,23 @@ def test_update_names_bad_state_keys_and_drifted_moment_trees():
     drifted["mu"] = drifted["mu"].exclude(("value_head", "bias"))
     with pytest.raises(KeyError, match=r"AdamW\.update: state\['mu'\] and params differ in leaves \['value_head\.bias'\]"):
         adamw.update(grad_tree(params, 0), drifted, params, lr=1e-2, cfg=cfg)
+
+
+def test_messages_name_nested_leaves_with_dots():
+    import torch
+    from tensordict import TensorDict
+
+    from tests.train.test_train_adamw import grad_tree
+
+    ints = TensorDict({"a": {"b": torch.zeros(2, dtype=torch.int64)}}, batch_size=[])
+    with pytest.raises(TypeError, match=r"^AdamW\.init: leaf 'a\.b' has non-float dtype torch\.int64$"):
+        adamw.init(ints, adamw.AdamWConfig())
+    cfg = adamw.AdamWConfig(lr=1e-2)
+    params = make_params()
+    state = adamw.init(params, cfg)
+    with pytest.raises(KeyError, match=r"AdamW\.update: grads and params differ in leaves \['value_head\.bias'\]"):
+        adamw.update(grad_tree(params, 0).exclude(("value_head", "bias")), state, params, lr=1e-2, cfg=cfg)
+    wrong = grad_tree(params, 0)
+    wrong["value_head", "bias"] = torch.zeros(2)
+    with pytest.raises(ValueError, match=r"^AdamW\.update: grad of 'value_head\.bias' has shape \(2,\), param \(1,\)"):
+        adamw.update(wrong, state, params, lr=1e-2, cfg=cfg)
