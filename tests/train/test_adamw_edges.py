@@ -21,7 +21,8 @@ def test_conflicting_multipliers_name_the_leaf_and_both_values():
         adamw.init(make_params(), cfg)
 
 
-@pytest.mark.parametrize("impl, used", [("fused", "_fused_adamw_"), ("foreach", "_foreach_adamw_")])
+@pytest.mark.parametrize("impl, used", [("fused", "_fused_adamw_"), ("foreach", "_foreach_adamw_"),
+                                        ("auto", "_fused_adamw_")])  # auto: fused wherever it has a kernel (fp32 CPU)
 def test_impl_selects_its_kernel(monkeypatch, impl, used):
     """Both kernels compute AdamW (their results agree), so only a spy tells which one ran."""
     from tests.train.test_train_adamw import grad_tree
