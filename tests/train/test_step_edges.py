@@ -28,7 +28,8 @@ def test_a_changed_layout_is_printed_leaf_by_leaf():
 
 def test_prepare_must_keep_one_micro_batch_per_input_and_return_a_pair():
     objective = with_prepare(lambda params, extra, mbs, comm: (extra, mbs[:1]))
-    with pytest.raises(ValueError, match=r"^objective\.prepare returned 1 micro-batches for 2; it may add "):
+    with pytest.raises(ValueError, match=r"^objective\.prepare returned 1 micro-batches for 2; it may add entries to them "
+                                         r"but must keep one per input micro-batch \(the counts were taken on those\)$"):
         run_prepare(objective, init_params(), init_extra(), [make_batch(1), make_batch(1, seed=1)], LOCAL)
     objective = with_prepare(lambda params, extra, mbs, comm: [extra, mbs])
     with pytest.raises(TypeError, match=r"^objective\.prepare must return \(extra: TensorDict, micro_batches\)$"):
