@@ -58,3 +58,16 @@ def test_a_spec_of_no_known_kind_is_refused_by_type():
 
     with pytest.raises(TypeError, match=r"^no checkpoint kind for a dict spec$"):
         subtree_meta({"x": {"rank": 4}})
+
+
+def test_load_adapter_reads_the_adapter_named_lora_by_default(base, tmp_path):
+    from tensordict import TensorDict
+
+    from wmtp_fn.adapters import AdapterSpec, init, to_flat
+    from wmtp_fn.checkpoint import load_adapter, save_params
+
+    ad, spec = init(base, AdapterSpec(rank=2), seed=3)
+    other = ad.apply(lambda t: t + 1.0)
+    save_params(tmp_path / "ck", TensorDict({"policy": other, "lora": ad}, batch_size=[]), {"policy": spec, "lora": spec})
+    got, _ = load_adapter(tmp_path / "ck")
+    assert all(torch.equal(to_flat(got)[k], v) for k, v in to_flat(ad).items())

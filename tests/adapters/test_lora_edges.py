@@ -82,3 +82,50 @@ def test_bind_refuses_a_whole_pytree_with_its_message(base):
                                        r"\(expected one of \('lora_A', 'lora_B', 'lora_magnitude'\)\); "
                                        r"bind one adapter \(e\.g\. params\['lora'\]\), not the whole trainable pytree"):
         bind(tree, spec, dtype=torch.float32)
+
+
+def test_check_bindable_messages_in_full(base):
+    from wmtp_fn.adapters.lora import check_bindable
+
+    t = torch.zeros(1)
+    with pytest.raises(KeyError) as err:
+        check_bindable(base, {"model.nope.lora_A": t})
+    assert err.value.args[0].endswith("is the adapter rooted at another module (e.g. bind adapter['model'] to "
+                                      "base.model), or are slots missing?")
+    with pytest.raises(KeyError) as err:
+        check_bindable(base, {"model.layers.0.self_attn.q_proj.lora_C": t})
+    assert err.value.args[0] == ("adapter key 'model.layers.0.self_attn.q_proj.lora_C': unknown leaf 'lora_C'; "
+                                 "expected one of ('lora_A', 'lora_B', 'lora_magnitude', 'lora_dropout')")
+
+
+def test_init_draws_a_from_seed_0_with_peft_s_kaiming_bound(base):
+    """Kaiming-uniform with a = √5 (PEFT's init) bounds A by sqrt(6 / ((1 + 5) · fan_in)) =
+    1/√fan_in; drawn from seed 0 by default, B zeros."""
+    import math
+
+    from wmtp_fn.adapters import to_flat
+
+    flat = to_flat(init(base, AdapterSpec(rank=4))[0])
+    a = [v for k, v in flat.items() if k.endswith("lora_A")]
+    first = a[0]
+    want = torch.nn.init.kaiming_uniform_(torch.empty(first.shape), a=math.sqrt(5), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(first, want)
+    scaled = max(float(t.abs().max()) * math.sqrt(t.shape[1]) for t in a)
+    assert 0.97 < scaled <= 1.0
+    assert all(torch.equal(v, torch.zeros_like(v)) for k, v in flat.items() if k.endswith("lora_B"))
+
+
+def test_target_messages_name_the_first_linear_and_the_layers(plain, base):
+    with pytest.raises(ValueError, match=r"^2 target linear\(s\) have no LoRA slot, e\.g\. 'model\.layers\.0\.self_attn\.q_proj'; "):
+        init(plain, AdapterSpec(rank=2, targets=("q_proj",)))
+    with pytest.raises(ValueError, match=r"^adapter targets \['q_proj'\] \(layers=\(7,\)\) match no slot in the model$"):
+        init(base, AdapterSpec(rank=2, targets=("q_proj",), layers=(7,)))
+
+
+def test_to_flat_keeps_a_top_level_key():
+    from tensordict import TensorDict
+
+    from wmtp_fn.adapters import to_flat
+
+    t = torch.zeros(2)
+    assert list(to_flat(TensorDict({"lora_A": t, "x": {"lora_B": t}}, batch_size=[]))) == ["lora_A", "x.lora_B"]
