@@ -133,3 +133,18 @@ def test_a_one_token_sequence_is_valid_and_not_halved():
     # the one response token is the last: G = R = 1, loss (0.9 − 1)² = 0.01
     loss, valid = lambda_return_sequence_losses(torch.tensor([[0.3, 0.9]]), torch.tensor([[0, 1]]), 1.0, lam=0.5)
     assert loss.item() == pytest.approx(0.01, abs=1e-7) and valid.tolist() == [True]
+
+
+def test_pair_shapes_each_check_and_unequal_lengths_are_fine():
+    ok, ok3 = torch.zeros(1, 2), torch.zeros(1, 3)
+    pairwise_losses(ok, ok, ok3, torch.ones(1, 3))  # T ≠ T' is allowed
+    for args in ((ok, torch.ones(1, 3), ok, ok), (ok, ok, ok, torch.ones(1, 3)),
+                 (torch.zeros(1, 2, 1), torch.ones(1, 2, 1), torch.zeros(1, 2, 1), torch.ones(1, 2, 1))):
+        with pytest.raises(ValueError, match=r"^pairwise_losses expects v_pos, m_pos \[P, T\]"):
+            pairwise_losses(*args)
+
+
+def test_lambda_returns_keep_a_float64_reward_exact():
+    v = torch.zeros(1, 2, dtype=torch.float64)
+    got = lambda_returns(v, torch.ones(1, 2), 0.1, lam=1.0)
+    assert got.dtype == torch.float64 and got[0, 1].item() == 0.1 and got[0, 0].item() == 0.1
