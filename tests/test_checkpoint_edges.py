@@ -71,3 +71,25 @@ def test_load_adapter_reads_the_adapter_named_lora_by_default(base, tmp_path):
     save_params(tmp_path / "ck", TensorDict({"policy": other, "lora": ad}, batch_size=[]), {"policy": spec, "lora": spec})
     got, _ = load_adapter(tmp_path / "ck")
     assert all(torch.equal(to_flat(got)[k], v) for k, v in to_flat(ad).items())
+
+
+def test_read_checkpoint_messages_and_the_version_check(tmp_path):
+    from wmtp_fn.checkpoint import latest
+    from wmtp_fn.errors import CheckpointError
+
+    with pytest.raises(FileNotFoundError, match=rf"^{tmp_path / 'none'}: not a checkpoint directory \(no meta\.json\)$"):
+        read_checkpoint(tmp_path / "none")
+    write_checkpoint(tmp_path / "c", {}, {})
+    assert json.loads((tmp_path / "c" / "meta.json").read_text())["version"] == 1
+    meta_path = tmp_path / "c" / "meta.json"
+    meta_path.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(CheckpointError, match=rf"^{meta_path}: format is 'other', expected 'wmtp_fn\.checkpoint'$"):
+        read_checkpoint(tmp_path / "c")
+    meta_path.write_text(json.dumps({"format": "wmtp_fn.checkpoint", "version": 2}))
+    with pytest.raises(CheckpointError, match=rf"^{meta_path}: version 2 is newer than this code reads \(1\)$"):
+        read_checkpoint(tmp_path / "c")
+    meta_path.write_text(json.dumps({"format": "wmtp_fn.checkpoint"}))  # no version: an old checkpoint, read
+    assert read_checkpoint(tmp_path / "c")[1] == {"format": "wmtp_fn.checkpoint"}
+    (tmp_path / "latest").write_text("step_9\n")
+    with pytest.raises(FileNotFoundError, match=r"names 'step_9', which is not a complete checkpoint$"):
+        latest(tmp_path)
