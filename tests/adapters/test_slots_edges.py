@@ -28,3 +28,12 @@ def test_a_dora_slot_over_a_biased_linear_keeps_the_bias_out_of_the_rescaling():
     w = lin.weight + B @ A
     want = (m / w.norm(dim=1)) * (x @ w.T) + lin.bias
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_install_slots_names_what_it_did_not_find():
+    import pytest
+
+    from wmtp_fn.adapters.slots import install_slots
+
+    with pytest.raises(ValueError, match=r"^no linear named \['q_proj'\] found in Sequential$"):
+        install_slots(nn.Sequential(nn.ReLU()), targets=("q_proj",))
