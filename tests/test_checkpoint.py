@@ -25,11 +25,13 @@ def test_params_round_trip_is_bitwise_and_checked(base, adapter, tmp_path):
     params = TensorDict({"lora": ad, "value_head": head}, batch_size=[])
     save_params(tmp_path / "ck", params, {"lora": spec}, meta={"metrics": {"val_loss": 1.5}})
     loaded, specs, meta = load_params(tmp_path / "ck")
-    assert specs["lora"] == spec and meta["metrics"] == {"val_loss": 1.5}
+    assert specs["lora"] == spec and meta["metrics"] == {"val_loss": 1.5} and meta["kind"] == "params"
     for k, v in to_flat(params).items():
         assert torch.equal(to_flat(loaded)[k], v), k
     got, got_spec = load_adapter(tmp_path / "ck", "lora", base)
     assert got_spec.base_fingerprint == spec.base_fingerprint
+    assert to_flat(got).keys() == to_flat(ad).keys()
+    assert all(torch.equal(to_flat(got)[k], v) for k, v in to_flat(ad).items())  # the adapter itself, on the base's device
     with pytest.raises(KeyError, match=r"no adapter named 'critic'; it has \['lora'\]"):
         load_adapter(tmp_path / "ck", "critic")
 

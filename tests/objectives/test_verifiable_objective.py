@@ -129,8 +129,11 @@ def test_cutting_the_step_into_micro_batches_changes_nothing(setup):
     joined = [{k: torch.cat([mb[k] for mb in mbs]) for k in ("input_ids", "labels")}]
     extra = run_prepare(obj, params, initial_extra(), steps_batches()[1], LOCAL)[0]  # a whitened step
     split, whole = accumulate_grads(obj, params, extra, mbs), accumulate_grads(obj, params, extra, joined)
-    for key in ("mean", "std", "updates"):
-        assert torch.allclose(split.extra["whitening", key], whole.extra["whitening", key], rtol=1e-12, atol=0)
+    # The moments are fp64 sums of fp32 advantages, and the fp32 forward of one joined batch
+    # rounds differently from two halves (5e-7 relative on the mean here): bound by fp32 noise.
+    assert torch.equal(split.extra["whitening", "updates"], whole.extra["whitening", "updates"])
+    for key in ("mean", "std"):
+        assert torch.allclose(split.extra["whitening", key], whole.extra["whitening", key], rtol=1e-5, atol=0)
     assert rel_err(split.loss, whole.loss) < 1e-6
     for name, value in whole.metrics.items():
         assert torch.allclose(split.metrics[name], value, rtol=1e-5, atol=1e-6), name
