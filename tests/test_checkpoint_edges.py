@@ -93,3 +93,70 @@ def test_read_checkpoint_messages_and_the_version_check(tmp_path):
     (tmp_path / "latest").write_text("step_9\n")
     with pytest.raises(FileNotFoundError, match=r"names 'step_9', which is not a complete checkpoint$"):
         latest(tmp_path)
+
+
+def test_specs_from_meta_names_a_checkpoint_by_default():
+    from wmtp_fn.checkpoint import specs_from_meta
+    from wmtp_fn.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"^checkpoint: subtree 'x' has kind None;"):
+        specs_from_meta({"subtrees": {"x": {"spec": {}}}})
+
+
+def test_save_step_keeps_the_three_newest_by_default(tmp_path):
+    from wmtp_fn.checkpoint import save_step
+
+    for step in range(1, 6):
+        save_step(tmp_path, step, {"params": {"a": torch.full((1,), float(step))}}, {"step": step})
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_00000003", "step_00000004", "step_00000005"]
+
+
+def _toy_train_state():
+    from tests.train.train_toy_lm import init_extra, init_params
+    from wmtp_fn.train import adamw
+    from wmtp_fn.train.state import init_train_state
+
+    return init_train_state(init_params(), adamw.AdamWConfig(lr=1e-2), seed=3, extra=init_extra())
+
+
+def test_save_run_writes_params_apart_and_its_meta_key_by_key(tmp_path):
+    from safetensors.torch import load_file
+
+    from wmtp_fn.adapters.spec import AdapterSpec
+    from wmtp_fn.checkpoint import save_run
+    from wmtp_fn.data.sampling import Cursor
+    from wmtp_fn.train.tree import leaf_keys
+
+    state = _toy_train_state()
+    spec = AdapterSpec(rank=2, alpha=4.0)
+    path = save_run(tmp_path, state, Cursor(seed=5, epoch=1, position=7), specs={"lora": spec},
+                    config={"train.lr": 0.01, "name": "x"}, info={"val_loss": 1.5}, keep=None)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["kind"] == "train"
+    assert meta["config"] == {"train.lr": 0.01, "name": "x"}
+    assert meta["metrics"] == {"val_loss": 1.5}
+    assert meta["cursor"] == {"seed": 5, "epoch": 1, "position": 7}
+    assert meta["subtrees"] == {"lora": {"kind": "lora", "spec": spec.to_dict()}}
+    params = load_file(str(path / "params.safetensors"))
+    # the params alone, keyed as in an adapter-only checkpoint (no "params." prefix)
+    assert sorted(params) == sorted(".".join(k) if isinstance(k, tuple) else k for k in leaf_keys(state.params))
+    for k, v in params.items():
+        assert torch.equal(v, state.params.get(tuple(k.split(".")))), k
+    rest = load_file(str(path / "state.safetensors"))
+    assert rest and not any(k.startswith("params.") for k in rest)
+    assert any(k.startswith("extra.") for k in rest) and any(k.startswith("opt") for k in rest)
+
+
+def test_save_run_passes_keep_on(tmp_path):
+    from dataclasses import replace
+
+    from wmtp_fn.checkpoint import save_run
+    from wmtp_fn.data.sampling import Cursor
+
+    state = _toy_train_state()
+    for step in range(1, 6):
+        save_run(tmp_path, replace(state, step=step), Cursor(seed=0), specs={}, config={}, info={}, keep=1)
+    assert [p.name for p in tmp_path.glob("step_*")] == ["step_00000005"]
+    for step in range(6, 11):
+        save_run(tmp_path, replace(state, step=step), Cursor(seed=0), specs={}, config={}, info={}, keep=None)
+    assert len(list(tmp_path.glob("step_*"))) == 6
