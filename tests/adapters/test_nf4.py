@@ -309,6 +309,22 @@ def test_the_nf4_backward_into_the_input_holds_no_dense_weight():
     torch.testing.assert_close(x.grad, (2 * y.detach()) @ w_hat, rtol=1e-6, atol=1e-6)
 
 
+def test_a_bound_dora_slot_with_dropout_holds_no_dense_weight_for_the_backward_either():
+    """DoRA with dropout needs the base output of the dropped-out input: the slot passes its own
+    4-bit base path, so no dense Ŵ is saved (its row norm is taken without grad)."""
+    slot = NF4Slot(linear(out=256, inp=256))
+    g = torch.Generator().manual_seed(0)
+    slot._buffers.update(lora_A=0.1 * torch.randn(4, 256, generator=g), lora_B=0.1 * torch.randn(256, 4, generator=g),
+                         lora_magnitude=1.0 + torch.rand(256, generator=g), lora_dropout=torch.tensor(0.1))
+    x = torch.randn(4, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = slot(x)
+    assert saved and all(t.numel() < 256 * 256 for t in saved), [tuple(t.shape) for t in saved]
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_nf4_logits_are_within_the_documented_error_of_the_full_precision_base():
     """docs/qlora.md: on this tiny random Llama the logits move by ~12% (relative norm); each
     weight by ~9% (relative RMS, Gaussian weights); bounded here with a margin."""
