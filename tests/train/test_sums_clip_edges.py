@@ -1,0 +1,68 @@
+"""The step's metric division and gradient clipping at their edges, by hand (surviving mutants of
+train.sums and train.clip)."""
+
+import math
+
+import pytest
+import torch
+
+from wmtp_fn.train.clip import clip_tensors_, global_norm
+from wmtp_fn.train.sums import COUNT, divide, to_host
+
+
+def test_divide_by_counts_of_matching_shape_and_zero_denominators_by_hand():
+    sums = {"loss": torch.tensor([3.0, 4.0, 5.0]), "tokens": torch.tensor([2.0, 0.0, 0.5])}
+    counts = torch.tensor([6, 0, 2], dtype=torch.int64)  # an integer count is divided in fp32
+    got = divide(sums, counts, {"loss": COUNT})
+    assert got["loss"].dtype == torch.float32
+    assert got["loss"].tolist() == [0.5, 0.0, 2.5]  # 0 where the denominator is 0
+    assert got["tokens"] is sums["tokens"]  # not named in means: left as the sum
+    by_metric = divide(sums, counts, {"loss": "tokens"})
+    assert by_metric["loss"].tolist() == [1.5, 0.0, 10.0]  # 5 / 0.5: a denominator below 1 divides
+
+
+def test_divide_broadcasts_a_single_count_and_reshapes_a_one_element_one():
+    got = divide({"acc": torch.tensor([2.0, 3.0]), "loss": torch.tensor(6.0)}, torch.tensor([4]), {"acc": COUNT, "loss": COUNT})
+    assert got["acc"].tolist() == [0.5, 0.75]
+    assert got["loss"].shape == () and got["loss"].item() == 1.5
+    two = divide({"acc": torch.tensor([2.0, 3.0])}, torch.tensor([4.0, 1.0]), {"acc": COUNT})
+    assert two["acc"].tolist() == [0.5, 3.0]
+
+
+def test_divide_names_a_shape_it_cannot_divide():
+    with pytest.raises(ValueError, match=r"^metric 'acc' \(3,\) cannot be divided by 'count' \(2,\)$"):
+        divide({"acc": torch.zeros(3)}, torch.ones(2), {"acc": COUNT})
+
+
+def test_global_norm_by_hand_and_of_one_tensor():
+    assert global_norm([torch.tensor([3.0, 4.0])]).item() == 5.0
+    got = global_norm([torch.tensor([1.0, 2.0]), torch.tensor([[2.0]], dtype=torch.float64), torch.tensor([4.0], dtype=torch.bfloat16)])
+    assert got.dtype == torch.float32 and got.shape == ()
+    assert got.item() == pytest.approx(5.0)  # sqrt(1 + 4 + 4 + 16)
+    with pytest.raises(ValueError, match=r"^global_norm of an empty list$"):
+        global_norm([])
+
+
+def test_clip_tensors_scales_to_max_norm_by_hand_and_leaves_small_ones():
+    a, b = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])
+    norm = clip_tensors_([a, b], 1.0)
+    assert norm.item() == 5.0  # the norm before clipping
+    coef = 1.0 / (5.0 + 1e-6)
+    assert a.tolist() == pytest.approx([3.0 * coef, 0.0], abs=1e-7) and b.tolist() == pytest.approx([0.0, 4.0 * coef], abs=1e-7)
+    c = torch.tensor([0.3, 0.4])
+    c0 = c.clone()
+    assert clip_tensors_([c], 1.0).item() == pytest.approx(0.5)
+    assert torch.equal(c, c0)  # below max_norm: the coefficient clamps at 1
+    d = torch.tensor([30.0, 40.0])
+    for off in (None, 0.0):
+        assert clip_tensors_([d], off).item() == 50.0
+        assert d.tolist() == [30.0, 40.0]  # None / 0: measure only
+    assert math.isclose(clip_tensors_([torch.tensor([6.0, 8.0])], 5.0).item(), 10.0)
+
+
+def test_to_host_names_vector_entries_and_keeps_counts_past_fp32_exact():
+    big = 2**24 + 1  # not representable in fp32
+    got = to_host({"loss": torch.tensor(0.5), "ce": torch.tensor([1.0, 2.0, 3.0]), "tokens": torch.tensor(big, dtype=torch.int64)})
+    assert got == {"loss": 0.5, "ce/0": 1.0, "ce/1": 2.0, "ce/2": 3.0, "tokens": float(big)}
+    assert list(got) == ["loss", "ce/0", "ce/1", "ce/2", "tokens"]
+    assert to_host({}) == {}
