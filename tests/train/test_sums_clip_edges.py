@@ -66,3 +66,40 @@ def test_to_host_names_vector_entries_and_keeps_counts_past_fp32_exact():
     assert got == {"loss": 0.5, "ce/0": 1.0, "ce/1": 2.0, "ce/2": 3.0, "tokens": float(big)}
     assert list(got) == ["loss", "ce/0", "ce/1", "ce/2", "tokens"]
     assert to_host({}) == {}
+
+
+def test_total_counts_messages_name_the_micro_batch_and_what_it_gave():
+    from wmtp_fn.dist.comm import LOCAL
+    from wmtp_fn.train.sums import total_counts
+
+    assert total_counts(lambda mb: mb, [torch.tensor([1, 2]), torch.tensor([3, 4])], LOCAL).tolist() == [4, 6]
+    with pytest.raises(ValueError, match=r"^objective.count must return a \[K\] tensor for every micro-batch; micro-batch 0 gave \(\)$"):
+        total_counts(lambda mb: mb, [torch.tensor(3)], LOCAL)
+    with pytest.raises(ValueError, match=r"^objective.count must return a \[K\] tensor for every micro-batch; micro-batch 0 gave int$"):
+        total_counts(lambda mb: mb, [3], LOCAL)
+    with pytest.raises(ValueError, match=r"micro-batch 1 gave \(3,\), micro-batch 0 \(2,\)$"):
+        total_counts(lambda mb: mb, [torch.ones(2), torch.ones(3)], LOCAL)
+    with pytest.raises(ValueError, match=r"micro-batch 1 gave \(1, 2\), micro-batch 0 \(2,\)$"):
+        total_counts(lambda mb: mb, [torch.ones(2), torch.ones(1, 2)], LOCAL)
+    with pytest.raises(ValueError, match=r"micro-batch 1 gave list, micro-batch 0 \(2,\)$"):
+        total_counts(lambda mb: mb, [torch.ones(2), [1, 2]], LOCAL)
+
+
+def test_check_sums_and_add_metrics_messages():
+    from wmtp_fn.train.sums import add_metrics, check_sums
+
+    with pytest.raises(ValueError, match=r"^objective.loss returned sums of shape \(3,\), objective.count counts \(2,\)$"):
+        check_sums(torch.zeros(3), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^objective.loss returned sums of shape float, objective.count counts \(2,\)$"):
+        check_sums(1.0, torch.zeros(2))
+    with pytest.raises(ValueError, match=r"^metric 'm' must be a \[\] or \[K\] tensor or a number \(a sum\), got a tensor of shape \(2, 2\)$"):
+        add_metrics({}, {"m": torch.zeros(2, 2)}, torch.device("cpu"), 0)
+    with pytest.raises(ValueError, match=r"got str$"):
+        add_metrics({}, {"m": "x"}, torch.device("cpu"), 0)
+    with pytest.raises(ValueError, match=r"got bool$"):
+        add_metrics({}, {"m": True}, torch.device("cpu"), 0)
+    got = add_metrics({}, {"a": torch.tensor([1, 2], dtype=torch.int64), "b": 3}, torch.device("cpu"), 0)
+    assert got["a"].dtype == torch.float32 and got["a"].tolist() == [1.0, 2.0]
+    assert got["b"].dtype == torch.float32 and got["b"].item() == 3.0
+    summed = add_metrics(got, {"a": torch.tensor([0.5, 0.5], dtype=torch.float64), "b": 1}, torch.device("cpu"), 1)
+    assert summed["a"].dtype == torch.float32 and summed["a"].tolist() == [1.5, 2.5] and summed["b"].item() == 4.0
