@@ -103,3 +103,45 @@ def test_check_sums_and_add_metrics_messages():
     assert got["b"].dtype == torch.float32 and got["b"].item() == 3.0
     summed = add_metrics(got, {"a": torch.tensor([0.5, 0.5], dtype=torch.float64), "b": 1}, torch.device("cpu"), 1)
     assert summed["a"].dtype == torch.float32 and summed["a"].tolist() == [1.5, 2.5] and summed["b"].item() == 4.0
+
+
+def test_add_metrics_messages_for_drifting_micro_batches():
+    from wmtp_fn.train.sums import add_metrics
+
+    cpu = torch.device("cpu")
+    first = add_metrics({}, {"a": torch.zeros(2)}, cpu, 0)
+    with pytest.raises(ValueError, match=r"^micro-batch 1 returned metrics \['b'\], micro-batch 0 \['a'\]; "
+                                         r"every micro-batch must report the same sums$"):
+        add_metrics(first, {"b": torch.zeros(2)}, cpu, 1)
+    with pytest.raises(ValueError, match=r"^metric 'a' has shape \(3,\) in micro-batch 2, \(2,\) before$"):
+        add_metrics(first, {"a": torch.zeros(3)}, cpu, 2)
+
+
+def test_sum_over_ranks_keeps_vector_metrics_whole():
+    from wmtp_fn.train.sums import sum_over_ranks
+
+    class TwoIdenticalRanks:  # what an all-reduce of two ranks holding the same values gives
+        rank, world_size = 0, 2
+        calls = 0
+
+        def sum_(self, t):
+            self.calls += 1
+            return t.mul_(2)
+
+    comm = TwoIdenticalRanks()
+    loss, metrics = sum_over_ranks(torch.tensor([1.0, 2.0]), {"ce": torch.tensor([3.0, 4.0, 5.0]), "n": torch.tensor(6.0)}, comm)
+    assert comm.calls == 1  # one collective for everything
+    assert loss.tolist() == [2.0, 4.0]
+    assert metrics["ce"].tolist() == [6.0, 8.0, 10.0] and metrics["n"].shape == () and metrics["n"].item() == 12.0
+
+
+def test_clip_by_global_norm_accepts_zero_and_names_a_negative_max_norm():
+    from tensordict import TensorDict
+
+    from wmtp_fn.train.clip import clip_by_global_norm
+
+    grads = TensorDict({"a": torch.tensor([30.0, 40.0])}, batch_size=[])
+    same, norm = clip_by_global_norm(grads, 0.0)
+    assert same is grads and norm.item() == 50.0 and grads["a"].tolist() == [30.0, 40.0]
+    with pytest.raises(ValueError, match=r"^max_norm must be None or >= 0, got -1\.0$"):
+        clip_by_global_norm(grads, -1.0)
