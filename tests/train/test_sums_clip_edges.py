@@ -145,3 +145,5 @@ def test_clip_by_global_norm_accepts_zero_and_names_a_negative_max_norm():
     assert same is grads and norm.item() == 50.0 and grads["a"].tolist() == [30.0, 40.0]
     with pytest.raises(ValueError, match=r"^max_norm must be None or >= 0, got -1\.0$"):
         clip_by_global_norm(grads, -1.0)
+    _, norm = clip_by_global_norm(grads, 5.0)  # max_norm is passed on: the tree is clipped
+    assert norm.item() == 50.0 and grads["a"].tolist() == pytest.approx([3.0, 4.0], abs=1e-6)
