@@ -148,13 +148,8 @@ def build_model(cfg: LlamaConfig, state: dict[str, torch.Tensor], device, dtype)
     return freeze(model)
 
 
-def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float, compile_: bool = False):
-    from peft import LoraConfig, get_peft_model
-
-    pm = get_peft_model(model, LoraConfig(**cfg_kwargs), autocast_adapter_dtype=not bf16_adapters)
-    if compile_:  # the same regional compilation as ours: each decoder layer, PEFT's LoRA inside
-        for layer in pm.base_model.model.model.layers:
-            layer.compile()
+def adamw_step(pm, batch, lr: float):
+    """One training step of a PEFT model: its HF loss, backward, fused AdamW over what it trains."""
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda)
 
@@ -165,7 +160,17 @@ def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float,
         opt.zero_grad(set_to_none=True)
         return loss
 
-    return pm, step
+    return step
+
+
+def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float, compile_: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(model, LoraConfig(**cfg_kwargs), autocast_adapter_dtype=not bf16_adapters)
+    if compile_:  # the same regional compilation as ours: each decoder layer, PEFT's LoRA inside
+        for layer in pm.base_model.model.model.layers:
+            layer.compile()
+    return pm, adamw_step(pm, batch, lr)
 
 
 def hf_dir(cfg: LlamaConfig, state: dict[str, torch.Tensor], root: Path) -> Path:
@@ -197,17 +202,7 @@ def peft_qlora_step(path: Path, cfg_kwargs: dict, batch, device: torch.device, d
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     pm = get_peft_model(model, LoraConfig(**cfg_kwargs))
     pm.train()  # what Trainer does: transformers checkpoints layers only in training mode
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, fused=params[0].is_cuda)
-
-    def step():
-        loss = pm(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return pm, step
+    return pm, adamw_step(pm, batch, lr)
 
 
 def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,

@@ -20,6 +20,17 @@ def randomize(adapter: TensorDict, seed: int, scale: float = 0.3) -> TensorDict:
     return adapter.named_apply(fill, nested_keys=True)
 
 
+def randomize_peft(peft_model) -> None:
+    """In place, under the caller's RNG: PEFT initialises B to zeros, so give every lora_B random
+    non-zero weights and perturb DoRA magnitudes around their initial row norms."""
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+            if "lora_magnitude" in name:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()

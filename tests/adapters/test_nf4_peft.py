@@ -20,7 +20,7 @@ pytest.importorskip("bitsandbytes")
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
 from transformers import BitsAndBytesConfig, LlamaForCausalLM  # noqa: E402
 
-from tests.adapters.helpers import randomize, rel_err  # noqa: E402
+from tests.adapters.helpers import randomize, randomize_peft, rel_err  # noqa: E402
 from wmtp_fn.adapters import AdapterSpec, apply, export_peft, import_peft, init  # noqa: E402
 from wmtp_fn.models.base import build_base, open_base, tiny_llama_config  # noqa: E402
 from wmtp_fn.models.prepare import prepare  # noqa: E402
@@ -87,12 +87,7 @@ def test_a_peft_qlora_adapter_imported_onto_our_nf4_base_gives_peft_logits(varia
     torch.manual_seed(5)
     peft_model = get_peft_model(peft_base(base_dir), LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS),
                                                                 **VARIANTS[variant]))
-    with torch.no_grad():  # PEFT initialises B to zeros: give it random non-zero weights
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-            if "lora_magnitude" in name:
-                p.mul_(1 + 0.2 * torch.randn_like(p))
+    randomize_peft(peft_model)  # PEFT initialises B to zeros
     peft_model.save_pretrained(tmp_path / "peft")
     peft_model.eval()
     base = ours(base_dir)

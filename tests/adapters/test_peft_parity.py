@@ -4,7 +4,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from tests.adapters.helpers import randomize, rel_err
+from tests.adapters.helpers import randomize, randomize_peft, rel_err
 from wmtp_fn.adapters import AdapterSpec, apply, export_peft, import_peft, init
 
 VARIANTS = {
@@ -38,12 +38,7 @@ def test_peft_save_pretrained_imported_by_us_gives_peft_logits(variant, base, pl
     )
     torch.manual_seed(5)
     peft_model = get_peft_model(plain, cfg)
-    with torch.no_grad():  # PEFT initialises B to zeros: give it random non-zero weights
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.3)
-            if "lora_magnitude" in name:
-                p.mul_(1 + 0.2 * torch.randn_like(p))
+    randomize_peft(peft_model)  # PEFT initialises B to zeros
     peft_model.save_pretrained(tmp_path / "peft")
     peft_model.eval()
 
