@@ -93,7 +93,6 @@ class MetricsLog:
         return kept
 
 
-
 class NullLog(MetricsLog):
     """A metrics log that keeps nothing: what the ranks of a distributed run other than 0
     write to (rank 0 owns `metrics.jsonl`)."""
@@ -106,6 +105,7 @@ class NullLog(MetricsLog):
 
     def rewind(self, step: int) -> list[dict[str, Any]]:
         return []
+
 
 @dataclass
 class StopRequest:
