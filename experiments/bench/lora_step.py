@@ -11,11 +11,17 @@ QLoRA variants (docs/qlora.md): `ours-nf4*` are the same steps over the NF4 base
 checkpointing. Peak memory is measured from after the model is built (and quantised), so a
 base quantised from bf16 weights is not charged for the bf16 copy it was made from.
 
+Peers (`PEERS`): PEFT with fp32 or bf16 adapters, with regional compile of each decoder layer,
+and with Liger kernels (RMSNorm, RoPE, SwiGLU, fused linear CE; liger-kernel is a bench-only
+dependency) with and without compile, in training mode as Trainer runs them. Every ratio in the
+table is against the fastest peer of the run. Our variants are `ours` plus options
+(`ours_options`): e.g. `ours-mb70`, `ours-ce4096`, `ours-flash`.
+
 Every variant trains the same random-weight model (bf16 on GPU) on the same batch with fused
 AdamW; each is built fresh so its peak memory is its own. Steps are timed with CUDA events
 after warm-up, in blocks of back-to-back steps synchronised once per block (as a training
 loop that reads metrics at log points runs); the median over blocks is reported. MFU is against a bf16 GEMM ceiling measured in the same
-run. Before timing, the optimised step's loss and gradients are checked against the plain
+run after a warm-up, the best of several trials at the start and at the end. Before timing, the optimised step's loss and gradients are checked against the plain
 eager step (full logits, no compile) on the same batch.
 
 FLOPs per token of a frozen-base LoRA step (no weight gradients for the base):
@@ -28,10 +34,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,9 +74,56 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
 }
-VARIANTS = ("peft-default", "peft-bf16", "peft-bf16-compiled", "ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-ac2",
-            "ours-mb70", "ours-mb60", "ours-mb50", "ours-mb30", "ours-autotune",
-            "ours-nf4-eager", "ours-nf4", "ours-nf4-ac", "peft-qlora", "peft-qlora-nogc")
+PEERS = ("peft-default", "peft-bf16", "peft-bf16-compiled", "peft-liger", "peft-liger-compiled", "peft-qlora",
+         "peft-qlora-nogc")
+# Our variants are `ours` plus options joined by "-" (any order), e.g. `ours-mb70-ce8192-flash`:
+#   eager (no compile), fullce (full logits, no chunked CE), ac / ac2 (checkpoint every / every 2nd layer),
+#   mbNN (partitioner memory budget NN %), autotune (max-autotune-no-cudagraphs), cg (CUDA graphs:
+#   mode="reduce-overhead"), nf4 (NF4 base), ceN (CE chunk of N tokens), flash / cudnn / efficient (SDPA backend).
+VARIANTS = PEERS + ("ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-ac2", "ours-mb70", "ours-mb60", "ours-mb50",
+                    "ours-mb30", "ours-autotune", "ours-cg", "ours-flash", "ours-cudnn", "ours-efficient",
+                    "ours-nf4-eager", "ours-nf4", "ours-nf4-ac")
+ATTENTION = ("flash", "cudnn", "efficient")
+
+
+def ours_options(variant: str) -> dict:
+    """The build options a variant name `ours[-option]...` stands for (see VARIANTS); ValueError
+    naming the part it does not know."""
+    head, *parts = variant.split("-")
+    if head != "ours":
+        raise ValueError(f"{variant!r}: our variants start with 'ours'")
+    opts = dict(compile_=True, checkpoint=0, full_ce=False, mode=None, memory_budget=None, quantize="", attention="",
+                ce_chunk=None)
+    for part in parts:
+        if part == "eager":
+            opts["compile_"] = False
+        elif part == "fullce":
+            opts["full_ce"] = True
+        elif part in ("ac", "ac2"):
+            opts["checkpoint"] = 1 if part == "ac" else 2
+        elif re.fullmatch(r"mb\d{1,3}", part) and 0 < int(part[2:]) <= 100:
+            opts["memory_budget"] = int(part[2:]) / 100  # the partitioner keeps NN % of what it would save
+        elif part == "autotune":
+            opts["mode"] = "max-autotune-no-cudagraphs"
+        elif part == "cg":
+            opts["mode"] = "reduce-overhead"
+        elif part == "nf4":
+            opts["quantize"] = "nf4"
+        elif part in ATTENTION:
+            opts["attention"] = part
+        elif re.fullmatch(r"ce[1-9]\d*", part):
+            opts["ce_chunk"] = int(part[2:])
+        else:
+            raise ValueError(f"{variant!r}: unknown option {part!r} (eager, fullce, ac, ac2, mbNN, autotune, cg, nf4, "
+                             f"ceN, {', '.join(ATTENTION)})")
+    return opts
+
+
+def check_variant(variant: str) -> str:
+    """`variant` if it names a peer or a valid combination of our options, else ValueError."""
+    if variant not in PEERS:
+        ours_options(variant)
+    return variant
 
 
 @dataclass
@@ -116,14 +171,16 @@ def time_steps(fn, device: torch.device, *, warmup: int, repeats: int, block: in
     return times
 
 
-def gemm_ceiling(device: torch.device, n: int = 8192) -> float:
-    """Measured dense bf16 matmul rate (FLOP/s) on random data, median of 20."""
+def gemm_ceiling(device: torch.device, n: int = 8192, trials: int = 5) -> float:
+    """Measured dense bf16 matmul rate (FLOP/s) on random data: after a warm-up of ~100
+    matmuls (a cold GPU clocks lower), the best of `trials` medians of 20."""
     if device.type != "cuda":
-        n = 512
+        n, trials = 512, 1
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    ms = statistics.median(time_steps(lambda: a @ b, device, warmup=5, repeats=20))
-    return 2 * n**3 / (ms * 1e-3)
+    best = min(statistics.median(time_steps(lambda: a @ b, device, warmup=100 if i == 0 else 5, repeats=20))
+               for i in range(trials))
+    return 2 * n**3 / (best * 1e-3)
 
 
 def flops_per_token(cfg: LlamaConfig, seq: int) -> float:
@@ -163,14 +220,38 @@ def adamw_step(pm, batch, lr: float):
     return step
 
 
-def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float, compile_: bool = False):
+def peft_step(model, cfg_kwargs: dict, batch, *, bf16_adapters: bool, lr: float, compile_: bool = False,
+              liger: bool = False):
     from peft import LoraConfig, get_peft_model
 
+    if liger:  # on this instance: RMSNorm, RoPE, SwiGLU and the fused linear CE of its forward
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, model=model)
     pm = get_peft_model(model, LoraConfig(**cfg_kwargs), autocast_adapter_dtype=not bf16_adapters)
+    pm.train()  # as Trainer runs it; Liger's fused linear CE replaces the logits only in training mode
     if compile_:  # the same regional compilation as ours: each decoder layer, PEFT's LoRA inside
         for layer in pm.base_model.model.model.layers:
             layer.compile()
     return pm, adamw_step(pm, batch, lr)
+
+
+@contextmanager
+def liger_scope():
+    """Liger patches transformers' Llama module globally (RoPE, RMSNorm and MLP classes); undo
+    that afterwards so the variants run after a Liger peer in the same process are unchanged."""
+    from transformers.models.llama import modeling_llama
+
+    saved = dict(vars(modeling_llama))
+    forward = modeling_llama.LlamaForCausalLM.forward
+    try:
+        yield
+    finally:
+        for name in set(vars(modeling_llama)) - set(saved):
+            delattr(modeling_llama, name)
+        for name, value in saved.items():
+            setattr(modeling_llama, name, value)
+        modeling_llama.LlamaForCausalLM.forward = forward
 
 
 def hf_dir(cfg: LlamaConfig, state: dict[str, torch.Tensor], root: Path) -> Path:
@@ -206,7 +287,7 @@ def peft_qlora_step(path: Path, cfg_kwargs: dict, batch, device: torch.device, d
 
 
 def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,
-              memory_budget: float | None = None, quantize: str = ""):
+              memory_budget: float | None = None, quantize: str = "", ce_chunk: int | None = None, attention: str = ""):
     record = prepare(Base.of(model, "causal_lm"), targets=TARGETS, quantize=quantize)  # slots (over NF4)
     spec = AdapterSpec(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
     adapter, spec = init_adapter(record, spec, seed=0)
@@ -230,24 +311,34 @@ def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mo
 
         objective = Objective(count=ntp_count, loss=loss)
     else:
-        objective = ntp_objective(model, spec, chunk_size=args.ce_chunk, train=True)
+        objective = ntp_objective(model, spec, chunk_size=ce_chunk or args.ce_chunk, train=True)
     return TensorDict({"lora": adapter}, batch_size=[]), objective
 
 
-def our_step(model, args, batch, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,
-             memory_budget: float | None = None, quantize: str = ""):
-    params, objective = our_parts(model, args, compile_=compile_, checkpoint=checkpoint, full_ce=full_ce, mode=mode,
-                                memory_budget=memory_budget, quantize=quantize)
+def our_step(model, args, batch, **options):
+    """One of our training steps built with `ours_options`' options."""
+    params, objective = our_parts(model, args, **options)
     opt_cfg = adamw.AdamWConfig(lr=args.lr, impl="auto")
     state = init_train_state(params, opt_cfg, seed=0)
     step_fn = make_train_step(objective, opt_cfg, ScheduleConfig(kind="constant"))
     holder = {"state": state}
 
     def step():
-        holder["state"], metrics = step_fn(holder["state"], [batch])
+        with attention_backend(options.get("attention", "")):  # compile traces inside it, so its graphs use it too
+            holder["state"], metrics = step_fn(holder["state"], [batch])
         return metrics["loss"]
 
     return step
+
+
+def attention_backend(name: str):
+    """`sdpa_kernel` restricted to one SDPA backend by name ("" = PyTorch's own choice)."""
+    if not name:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[name])
 
 
 # ----------------------------------------------------------------------------- correctness guard
@@ -329,7 +420,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="guard: check the eager step instead")
     p.add_argument("--check-ac", action="store_true", help="guard: also activation checkpointing")
     p.add_argument("--no-guard", dest="guard", action="store_false", help="skip the correctness guard")
-    p.add_argument("--profile", default="", help="variant to profile (top kernels by CUDA time)")
+    p.add_argument("--profile", default="", help="variants to profile, comma-separated (top kernels by CUDA time)")
     p.add_argument("--trace", default="", help="write a gzipped Chrome trace (CPU+CUDA, 2 steps) of --profile's variant here")
     p.add_argument("--json", default="", help="write the results here")
     p.add_argument("--keep-going", action="store_true", help="record a failing variant and go on to the next")
@@ -338,9 +429,11 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     variants = [v for v in args.variants.split(",") if v]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        p.error(f"unknown variants {unknown}; choose from {VARIANTS}")
+    for v in variants:
+        try:
+            check_variant(v)
+        except ValueError as e:
+            p.error(f"--variants: {e}; peers are {', '.join(PEERS)}")
     if device.type == "cpu":
         args.seq, args.batch = min(args.seq, 64), min(args.batch, 2)
 
@@ -369,8 +462,9 @@ def main(argv: list[str] | None = None) -> dict:
     scratch = tempfile.TemporaryDirectory(prefix="lora_step_")
     for variant in variants:
         try:
-            row = run_variant(variant, cfg, state, args, batch, device, dtype, peft_kwargs, Path(scratch.name), tokens,
-                              fpt, ceiling)
+            with liger_scope() if variant.startswith("peft-liger") else nullcontext():
+                row = run_variant(variant, cfg, state, args, batch, device, dtype, peft_kwargs, Path(scratch.name),
+                                  tokens, fpt, ceiling)
         except Exception as e:  # one variant failing (a kernel missing, OOM) must not lose the others
             if not args.keep_going:
                 raise
@@ -382,18 +476,30 @@ def main(argv: list[str] | None = None) -> dict:
         torch._dynamo.reset()
     scratch.cleanup()
 
-    by = {r.variant: r for r in rows}
-    ref = by.get("peft-bf16")
-    print("\n| variant | ms/step | tokens/s | MFU | peak GiB | × PEFT-bf16 speed | × PEFT-bf16 memory |")
+    # The GPU is warmest now: measure the ceiling again and keep the better one (MFU against it).
+    ceiling = max(ceiling, gemm_ceiling(device))
+    for r in rows:
+        r.mfu = r.tokens_per_s * fpt / ceiling
+    ref = fastest_peer(rows)
+    print(f"\nGEMM ceiling (best, warm) {ceiling / 1e12:.0f} TFLOP/s; ratios against the fastest peer: "
+          f"{ref.variant if ref else 'none run'}")
+    print("| variant | ms/step | tokens/s | MFU | peak GiB | × fastest peer speed | × its memory |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         speed = f"{r.tokens_per_s / ref.tokens_per_s:.2f}" if ref else "-"
         mem = f"{r.peak_gib / ref.peak_gib:.2f}" if ref and device.type == "cuda" else "-"
         print(f"| {r.variant} | {r.ms:.1f} | {r.tokens_per_s:,.0f} | {r.mfu:.3f} | {r.peak_gib:.1f} | {speed} | {mem} |")
-    result = {"args": vars(args), "ceiling_flops": ceiling, "flops_per_token": fpt, "guard": guard, "rows": [asdict(r) for r in rows]}
+    result = {"args": vars(args), "ceiling_flops": ceiling, "flops_per_token": fpt, "guard": guard,
+              "fastest_peer": ref.variant if ref else None, "rows": [asdict(r) for r in rows]}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result
+
+
+def fastest_peer(rows: list[Row]) -> Row | None:
+    """The peer (a PEFT variant) with the most tokens/s among those that ran, or None."""
+    peers = [r for r in rows if r.variant in PEERS and not r.error]
+    return max(peers, key=lambda r: r.tokens_per_s, default=None)
 
 
 def run_variant(variant, cfg, state, args, batch, device, dtype, peft_kwargs, scratch: Path, tokens, fpt, ceiling) -> Row:
@@ -408,16 +514,10 @@ def run_variant(variant, cfg, state, args, batch, device, dtype, peft_kwargs, sc
     else:
         model = build_model(cfg, state, device, dtype)
         if variant.startswith("peft"):
-            model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant.startswith("peft-bf16"), lr=args.lr,
-                                    compile_=variant == "peft-bf16-compiled")
+            model, step = peft_step(model, peft_kwargs, batch, bf16_adapters=variant != "peft-default", lr=args.lr,
+                                    compile_=variant.endswith("-compiled"), liger=variant.startswith("peft-liger"))
         else:
-            step = our_step(model, args, batch, compile_=not variant.startswith("ours-eager") and variant != "ours-nf4-eager",
-                            checkpoint={"ours-ac": 1, "ours-ac2": 2, "ours-nf4-ac": 1}.get(variant, 0),
-                            full_ce=variant == "ours-eager-fullce",
-                            mode="max-autotune-no-cudagraphs" if variant == "ours-autotune" else None,
-                            # ours-mbNN: the partitioner keeps NN% of the activations it would save
-                            memory_budget=int(variant[7:]) / 100 if variant.startswith("ours-mb") else None,
-                            quantize="nf4" if variant.startswith("ours-nf4") else "")
+            step = our_step(model, args, batch, **ours_options(variant))
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -429,7 +529,7 @@ def run_variant(variant, cfg, state, args, batch, device, dtype, peft_kwargs, sc
     tps = tokens / (ms * 1e-3)
     row = Row(variant, ms, tps, tps * fpt / ceiling, peak_gib(device), loss, syncs)
     print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {row.mfu:.3f}  peak {row.peak_gib:6.1f} GiB  loss {loss:.3f}  syncs {syncs}", flush=True)
-    if args.profile == variant and device.type == "cuda":
+    if variant in args.profile.split(",") and device.type == "cuda":
         profile_step(step, trace=args.trace)
     del model, step
     return row
@@ -442,10 +542,17 @@ def profile_step(step, n: int = 3, trace: str = "") -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) * 1e3 / n
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3 / n
+    print(f"    profile: {len(kernels) / n:,.0f} kernels/step, {busy:.1f} ms/step of kernels, {wall:.1f} ms/step wall "
+          f"(profiled), {wall - busy:.1f} ms/step not covered by a kernel")
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
     if trace:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
