@@ -86,8 +86,9 @@ def test_trusted_reaches_the_hf_lora_reader(llama, adapter, tmp_path):
     (the format detection reads the file too, and must honour the switch)."""
     ad, spec = adapter
     save_hf_lora(tmp_path / "a.pt", ad, spec, config={"x": fractions.Fraction(1, 3)})
-    with pytest.raises(CheckpointError, match="cannot read as a weights-only torch checkpoint"):
-        read_adapter(tmp_path / "a.pt", llama)
+    for untrusted in (lambda: read_adapter(tmp_path / "a.pt", llama), lambda: adapter_format(tmp_path / "a.pt")):
+        with pytest.raises(CheckpointError, match="cannot read as a weights-only torch checkpoint"):
+            untrusted()
     assert adapter_format(tmp_path / "a.pt", trusted=True) == "hf_lora"
     got, _ = read_adapter(tmp_path / "a.pt", llama, trusted=True)
     assert all(torch.equal(to_flat(got)[k], v) for k, v in to_flat(ad).items())
