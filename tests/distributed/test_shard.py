@@ -83,6 +83,9 @@ def test_a_units_forward_sees_whole_weights_in_param_dtype_and_its_inputs_uncast
     assert root.a.seen == [(torch.float32, torch.bfloat16, False)]
     assert out.dtype == torch.bfloat16
     assert root.a.weight.dtype == torch.float32  # the shard keeps the stored dtype
+    # the root's own parameter too: `scale` in fp32 would promote the bf16 product to fp32
+    assert root(x).dtype == torch.bfloat16
+    assert root.a.seen[1] == (torch.float32, torch.bfloat16, False)  # the root does not cast its inputs either
 
 
 def test_without_param_dtype_the_weights_are_gathered_in_their_own_dtype(group):
