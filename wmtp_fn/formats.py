@@ -28,8 +28,9 @@ from wmtp_fn.errors import CheckpointError
 FORMATS = ("project", "peft", "hf_lora", "seeds_policy")
 
 
-def adapter_format(path: str | Path) -> str:
-    """Which of `FORMATS` `path` holds; a `CheckpointError` naming the path otherwise."""
+def adapter_format(path: str | Path, *, trusted: bool = False) -> str:
+    """Which of `FORMATS` `path` holds; a `CheckpointError` naming the path otherwise.
+    `trusted`: a `torch.save` file may hold arbitrary pickled objects (only files you made)."""
     path = Path(path)
     if path.is_dir():
         if (path / "meta.json").is_file() or (path / "adapter" / "meta.json").is_file():
@@ -41,7 +42,7 @@ def adapter_format(path: str | Path) -> str:
         raise CheckpointError(f"{path}: no such adapter file or directory")
     from wmtp_fn.adapters.seeds_io import load_torch_dict
 
-    kind = load_torch_dict(path).get("checkpoint_type")
+    kind = load_torch_dict(path, trusted=trusted).get("checkpoint_type")
     if kind == "hf_lora":
         return "hf_lora"
     if kind == "lora":
@@ -56,7 +57,7 @@ def read_adapter(path: str | Path, base, *, name: str | None = None, trusted: bo
     `torch.save` files (only for files you made)."""
     path = Path(path)
     module, fingerprint = module_and_fingerprint(base)
-    kind = adapter_format(path)
+    kind = adapter_format(path, trusted=trusted)
     if kind == "project":
         from wmtp_fn.checkpoint import load_params
 
