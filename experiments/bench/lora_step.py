@@ -79,9 +79,10 @@ PEERS = ("peft-default", "peft-bf16", "peft-bf16-compiled", "peft-liger", "peft-
 # Our variants are `ours` plus options joined by "-" (any order), e.g. `ours-mb70-ce8192-flash`:
 #   eager (no compile), fullce (full logits, no chunked CE), ac / ac2 (checkpoint every / every 2nd layer),
 #   mbNN (partitioner memory budget NN %), autotune (max-autotune-no-cudagraphs), cg (CUDA graphs:
-#   mode="reduce-overhead"), nf4 (NF4 base), ceN (CE chunk of N tokens), flash / cudnn / efficient (SDPA backend).
+#   mode="reduce-overhead"), nomerge (no merged LoRA A projections, models/fusion.py),
+#   nf4 (NF4 base), ceN (CE chunk of N tokens), flash / cudnn / efficient (SDPA backend).
 VARIANTS = PEERS + ("ours-eager-fullce", "ours-eager", "ours", "ours-ac", "ours-ac2", "ours-mb70", "ours-mb60", "ours-mb50",
-                    "ours-mb30", "ours-autotune", "ours-cg", "ours-flash", "ours-cudnn", "ours-efficient",
+                    "ours-mb30", "ours-autotune", "ours-cg", "ours-nomerge", "ours-flash", "ours-cudnn", "ours-efficient",
                     "ours-nf4-eager", "ours-nf4", "ours-nf4-ac")
 ATTENTION = ("flash", "cudnn", "efficient")
 
@@ -93,7 +94,7 @@ def ours_options(variant: str) -> dict:
     if head != "ours":
         raise ValueError(f"{variant!r}: our variants start with 'ours'")
     opts = dict(compile_=True, checkpoint=0, full_ce=False, mode=None, memory_budget=None, quantize="", attention="",
-                ce_chunk=None)
+                ce_chunk=None, merge_lora_a=True)
     for part in parts:
         if part == "eager":
             opts["compile_"] = False
@@ -107,6 +108,8 @@ def ours_options(variant: str) -> dict:
             opts["mode"] = "max-autotune-no-cudagraphs"
         elif part == "cg":
             opts["mode"] = "reduce-overhead"
+        elif part == "nomerge":
+            opts["merge_lora_a"] = False
         elif part == "nf4":
             opts["quantize"] = "nf4"
         elif part in ATTENTION:
@@ -114,7 +117,7 @@ def ours_options(variant: str) -> dict:
         elif re.fullmatch(r"ce[1-9]\d*", part):
             opts["ce_chunk"] = int(part[2:])
         else:
-            raise ValueError(f"{variant!r}: unknown option {part!r} (eager, fullce, ac, ac2, mbNN, autotune, cg, nf4, "
+            raise ValueError(f"{variant!r}: unknown option {part!r} (eager, fullce, ac, ac2, mbNN, autotune, cg, nomerge, nf4, "
                              f"ceN, {', '.join(ATTENTION)})")
     return opts
 
@@ -287,7 +290,8 @@ def peft_qlora_step(path: Path, cfg_kwargs: dict, batch, device: torch.device, d
 
 
 def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mode: str | None = None,
-              memory_budget: float | None = None, quantize: str = "", ce_chunk: int | None = None, attention: str = ""):
+              memory_budget: float | None = None, quantize: str = "", ce_chunk: int | None = None, attention: str = "",
+              merge_lora_a: bool = True):
     record = prepare(Base.of(model, "causal_lm"), targets=TARGETS, quantize=quantize)  # slots (over NF4)
     spec = AdapterSpec(rank=args.rank, alpha=2.0 * args.rank, targets=TARGETS)
     adapter, spec = init_adapter(record, spec, seed=0)
@@ -300,7 +304,7 @@ def our_parts(model, args, *, compile_: bool, checkpoint: int, full_ce: bool, mo
     if checkpoint:
         checkpoint_layers(model, every=checkpoint)
     if compile_:
-        compile_layers(model, fullgraph=True, mode=mode, memory_budget=memory_budget)
+        compile_layers(model, fullgraph=True, mode=mode, memory_budget=memory_budget, merge_lora_a=merge_lora_a)
     if full_ce:
         def loss(params, extra, batch, scale):
             from wmtp_fn.adapters import apply

@@ -48,7 +48,8 @@ def test_variant_names_stand_for_their_options():
     bench = load_bench()
     opts = bench.ours_options("ours-mb70-ce8192-flash")
     assert opts == dict(compile_=True, checkpoint=0, full_ce=False, mode=None, memory_budget=0.7, quantize="",
-                        attention="flash", ce_chunk=8192)
+                        attention="flash", ce_chunk=8192, merge_lora_a=True)
+    assert bench.ours_options("ours-nomerge")["merge_lora_a"] is False
     assert bench.ours_options("ours-eager-fullce")["compile_"] is False
     assert bench.ours_options("ours-eager-fullce")["full_ce"] is True
     assert bench.ours_options("ours-nf4-ac") == dict(bench.ours_options("ours"), quantize="nf4", checkpoint=1)

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
 from wmtp_fn.adapters.slots import SLOT_TENSORS, filled, slot_paths
+from wmtp_fn.models.fusion import MERGE_SHARED_LORA_A
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -30,7 +31,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers) + list(getattr(model, "extra_heads", []))
 
 
-def compile_layers(model: nn.Module, *, memory_budget: float | None = None, **compile_kwargs) -> nn.Module:
+def compile_layers(
+    model: nn.Module, *, memory_budget: float | None = None, merge_lora_a: bool = True, **compile_kwargs
+) -> nn.Module:
     """`torch.compile` each decoder layer separately (regional compilation): one graph serves
     every layer, compile time stays small, and adapters bound by `functional_call` are graph
     inputs, so swapping adapters of the same shapes does not recompile.
@@ -40,11 +43,17 @@ def compile_layers(model: nn.Module, *, memory_budget: float | None = None, **co
     finer trade than checkpointing whole layers). Applied to these layers only, when they
     compile. None (or 1): the compiler's default.
 
+    merge_lora_a: with Inductor (the default backend), the LoRA `x·Aᵀ` of targets that share
+    their input (q/k/v, gate/up) run as one GEMM (`models.fusion`; the same values, fewer
+    skinny GEMMs forward and backward). Other backends compile the layers as they are.
+
     On a checkpointed layer only the inner forward is compiled: the re-binding around the
     recomputation stays eager (Dynamo cannot trace buffer swaps inside a checkpoint region).
     """
     if memory_budget is not None and not 0.0 < memory_budget <= 1.0:
         raise ValueError(f"compile_layers: memory_budget must be in (0, 1], got {memory_budget}")
+    if merge_lora_a and compile_kwargs.get("backend", "inductor") == "inductor":
+        compile_kwargs = with_merge_pass(compile_kwargs)
     if memory_budget == 1.0:  # the compiler's default: nothing to scope
         memory_budget = None
     for layer in decoder_layers(model):
@@ -56,6 +65,17 @@ def compile_layers(model: nn.Module, *, memory_budget: float | None = None, **co
             inner = torch.compile(type(layer).forward.__get__(layer), **compile_kwargs)
             layer.forward = _within_budget(inner, memory_budget)
     return model
+
+
+def with_merge_pass(compile_kwargs: dict) -> dict:
+    """`torch.compile` keyword arguments with `models.fusion`'s pass as Inductor's pre-grad
+    pass. `torch.compile` takes a `mode` or `options`, not both, so a mode becomes its options."""
+    kwargs = dict(compile_kwargs)
+    mode = kwargs.pop("mode", None)
+    options = dict(torch._inductor.list_mode_options(mode)) if mode not in (None, "default") else {}
+    options.update(kwargs.pop("options", None) or {})
+    options["pre_grad_custom_pass"] = MERGE_SHARED_LORA_A
+    return {**kwargs, "options": options}
 
 
 def _within_budget(fn, budget: float | None):
