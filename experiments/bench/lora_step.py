@@ -500,6 +500,23 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def count_merges() -> list[int]:
+    """Record how many LoRA A projections `models.fusion` merges away in each graph compiled from
+    now on (a list that grows), so a run shows that the pass matched this torch's graphs."""
+    from wmtp_fn.models import fusion
+
+    counts: list[int] = []
+    real = getattr(fusion.merge_shared_lora_a, "__wrapped__", fusion.merge_shared_lora_a)
+
+    def counted(graph):
+        counts.append(real(graph))
+        return counts[-1]
+
+    counted.__wrapped__ = real
+    fusion.merge_shared_lora_a = counted
+    return counts
+
+
 def fastest_peer(rows: list[Row]) -> Row | None:
     """The peer (a PEFT variant) with the most tokens/s among those that ran, or None."""
     peers = [r for r in rows if r.variant in PEERS and not r.error]
@@ -526,13 +543,15 @@ def run_variant(variant, cfg, state, args, batch, device, dtype, peft_kwargs, sc
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    merges = count_merges()
     times = time_steps(step, device, warmup=args.warmup, repeats=args.repeats, block=args.block)
     syncs = count_host_syncs(step, device)
     loss = float(step().detach())
     ms = statistics.median(times)
     tps = tokens / (ms * 1e-3)
     row = Row(variant, ms, tps, tps * fpt / ceiling, peak_gib(device), loss, syncs)
-    print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {row.mfu:.3f}  peak {row.peak_gib:6.1f} GiB  loss {loss:.3f}  syncs {syncs}", flush=True)
+    print(f"  {variant:18s} {ms:8.1f} ms  {tps:10,.0f} tok/s  MFU {row.mfu:.3f}  peak {row.peak_gib:6.1f} GiB  loss {loss:.3f}  syncs {syncs}"
+          + (f"  A projections merged per graph {merges}" if merges else ""), flush=True)
     if variant in args.profile.split(",") and device.type == "cuda":
         profile_step(step, trace=args.trace)
     del model, step

@@ -21,7 +21,11 @@ import inspect
 
 import torch
 from torch import fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+except ImportError:  # an older torch: a plain callable (Inductor then skips its graph cache)
+    CustomGraphPass = object
 
 
 def _is_lora_a(node: fx.Node) -> bool:
