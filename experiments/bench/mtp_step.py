@@ -55,7 +55,7 @@ from wmtp_fn.models.mtp import MTPLlama, mtp_config  # noqa: E402
 from wmtp_fn.models.prepare import prepare  # noqa: E402
 from wmtp_fn.objectives.detached import backward_through_detached  # noqa: E402
 
-OURS = ("ntp", "naive", "sequential", "naive-nf4", "sequential-nf4")
+OURS = ("ntp", "naive", "sequential", "naive-nf4", "sequential-nf4", "naive-compiled", "sequential-compiled")
 PEERS = ("peft-naive", "peft-naive-compiled")
 VARIANTS = OURS + PEERS
 SHAPES = {
@@ -188,14 +188,15 @@ def measure(variant, shape, n_future, batch, seq, device, dtype, chunk, warmup, 
         def loss_of():
             return peft_naive_loss(model, ids, labels)
     else:
-        base = prepare(Base.of(model, "mtp"), quantize="nf4" if variant.endswith("-nf4") else "")  # slots (over NF4)
+        base = prepare(Base.of(model, "mtp"), quantize="nf4" if variant.endswith("-nf4") else "",  # slots (over NF4)
+                       compile=variant.endswith("-compiled"), dynamic=False)  # regional compile of trunk layers and heads
         adapter, spec = init_adapter(base, AdapterSpec(rank=rank, alpha=2 * rank), seed=0, device=device)
         leaves = [t.requires_grad_() for t in adapter.values(include_nested=True, leaves_only=True)]
 
         def loss_of():
             if variant.startswith("naive"):
                 return naive_loss(model, adapter, spec, ids, labels)
-            if variant == "ntp":
+            if variant.startswith("ntp"):
                 return ntp_loss(model, adapter, spec, ids, labels, chunk)
             return sequential_loss(model, adapter, spec, ids, labels, chunk)
     opt = torch.optim.AdamW(leaves, lr=1e-4, fused=device.type == "cuda")
