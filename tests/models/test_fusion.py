@@ -102,12 +102,14 @@ def test_with_merge_pass_turns_a_mode_into_its_options():
     assert with_merge_pass({"mode": "default"})["options"] == {"pre_grad_custom_pass": MERGE_SHARED_LORA_A}
 
 
-@pytest.mark.parametrize("spec_kw", [dict(), dict(use_dora=True)])
-def test_compiled_llama_layers_merge_qkv_and_gate_up_and_train_like_eager(tiny_dir, batch, monkeypatch, spec_kw):
+@pytest.mark.parametrize("spec_kw, dynamic", [(dict(), False), (dict(use_dora=True), False), (dict(), True)])
+def test_compiled_llama_layers_merge_qkv_and_gate_up_and_train_like_eager(tiny_dir, batch, monkeypatch, spec_kw, dynamic):
+    """Also with dynamic shapes, as `models.prepare` compiles for the pipelines."""
     merged = []
     real = fusion.merge_shared_lora_a
     monkeypatch.setattr(fusion, "merge_shared_lora_a", lambda g: merged.append(real(g)) or merged[-1])
-    assert_trains_like_eager(tiny_dir, batch, lambda m: compile_layers(m, fullgraph=True), **spec_kw)
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph skips the pass
+        assert_trains_like_eager(tiny_dir, batch, lambda m: compile_layers(m, fullgraph=True, dynamic=dynamic), **spec_kw)
     # per compiled graph: q, k, v -> one (2 merged away), gate, up -> one (1); layer 0 has its own graph
     assert merged and all(n == 3 for n in merged)
 
