@@ -69,12 +69,12 @@ def test_a_short_critic_run_ranks_held_out_pairs_above_chance(tmp_path):
 
 def test_use_lora_false_trains_the_value_head_alone(tmp_path, capsys):
     cfg = config(tmp_path, **{"train.steps": 3, "train.eval_every": 0, "critic.use_lora": False,
-                              "critic.val_n_pairs": 8, "critic.head.kind": "linear"})
+                              "critic.val_n_pairs": 8, "critic.head.kind": "linear", "critic.head.dropout": 0.3})
     result = run_config(cfg)
     assert "no critic adapter for the seeds' hf_lora file" in capsys.readouterr().out
     params, specs, _ = checkpoint.load_params(result.adapter_dir)
     assert list(params.keys()) == ["value_head"] and list(specs) == ["value_head"]
-    assert specs["value_head"] == ValueHeadSpec("linear", 64, dropout=0.2, bias_init=0.0)
+    assert specs["value_head"] == ValueHeadSpec("linear", 64, dropout=0.3, bias_init=0.0)  # the saved spec carries it
     fresh = init_value_head("linear", 64, seed=cfg.seed)
     assert not torch.equal(params["value_head", "out", "weight"], fresh["out", "weight"])  # it trained
     tensors, _ = checkpoint.read_checkpoint(checkpoint.latest(tmp_path / "checkpoints"))
